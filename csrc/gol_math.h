@@ -1,0 +1,220 @@
+// Element math of the GOL loss (shared SPEC.md sections 2-4), written once for every compiled
+// backend: the CPU kernel instantiates it on scalars and on at::vec vectors, the CUDA kernel on
+// scalars in device code. Keeping a single source means the CPU tests check the math the GPU runs.
+#pragma once
+
+#include <cstdint>
+#include <math.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GK_HD __host__ __device__ __forceinline__
+#else
+#define GK_HD inline
+#endif
+
+namespace gk {
+
+// torch's binary_cross_entropy clamps log() at -100 and divides its backward by
+// max(p (1 - p), 1e-12); GOL trains with it, so the contract keeps both.
+constexpr float kLossCap = 100.0f;
+constexpr float kBceEps = 1e-12f;
+
+enum class Mode : int32_t { kBce = 0, kEql = 1, kDropLoss = 2 };
+enum class Activation : int32_t { kGumbel = 0, kSigmoid = 1 };
+enum class Reduction : int32_t { kMean = 0, kSum = 1, kNone = 2 };
+enum class GradMode : int32_t { kReference = 0, kExact = 1 };
+
+// ---------------------------------------------------------------------------------------------
+// Philox4x32-10 (Random123), the one counter-based stream every backend draws the DropLoss
+// uniforms from.
+struct PhiloxKey {
+  uint32_t key0, key1;        // lo32(seed), hi32(seed)
+  uint32_t offset0, offset1;  // lo32(offset), hi32(offset): the third and fourth counter words
+};
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+GK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(product >> 32);
+  return static_cast<uint32_t>(product);
+#endif
+}
+
+GK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The Philox call that serves flat elements 4g .. 4g+3.
+GK_HD Philox4 philox_group(int64_t group, const PhiloxKey& key) {
+  const uint64_t g = static_cast<uint64_t>(group);
+  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), key.offset0,
+                       key.offset1, key.key0, key.key1);
+}
+
+// Top 24 bits times 2^-24: exact in float32, in [0, 1).
+GK_HD float uniform_from_bits(uint32_t bits) {
+  return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;
+}
+
+// u_ij of flat element e = i*C + j.
+GK_HD float element_uniform(int64_t flat_index, const PhiloxKey& key) {
+  const Philox4 r = philox_group(flat_index >> 2, key);
+  return uniform_from_bits(r.w[flat_index & 3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar arithmetic for the templated element math. A vector type plugs in by providing the
+// same static members (csrc/cpu/vec_ops.h does so for at::vec::Vectorized<float>).
+template <typename T>
+struct ScalarOps;
+
+template <>
+struct ScalarOps<float> {
+  using V = float;
+  using M = bool;
+  static GK_HD V splat(float x) { return x; }
+  static GK_HD V exp(V x) { return expf(x); }
+  static GK_HD V expm1(V x) { return expm1f(x); }
+  static GK_HD V log(V x) { return logf(x); }
+  static GK_HD V log1p(V x) { return log1pf(x); }
+  static GK_HD V neg(V x) { return -x; }
+  static GK_HD V abs(V x) { return fabsf(x); }
+  static GK_HD M lt(V a, V b) { return a < b; }
+  static GK_HD M gt(V a, V b) { return a > b; }
+  static GK_HD M both(M a, M b) { return a && b; }
+  static GK_HD V select(M m, V a, V b) { return m ? a : b; }
+};
+
+template <>
+struct ScalarOps<double> {
+  using V = double;
+  using M = bool;
+  static GK_HD V splat(double x) { return x; }
+  static GK_HD V exp(V x) { return ::exp(x); }
+  static GK_HD V expm1(V x) { return ::expm1(x); }
+  static GK_HD V log(V x) { return ::log(x); }
+  static GK_HD V log1p(V x) { return ::log1p(x); }
+  static GK_HD V neg(V x) { return -x; }
+  static GK_HD V abs(V x) { return fabs(x); }
+  static GK_HD M lt(V a, V b) { return a < b; }
+  static GK_HD M gt(V a, V b) { return a > b; }
+  static GK_HD M both(M a, M b) { return a && b; }
+  static GK_HD V select(M m, V a, V b) { return m ? a : b; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-element loss and gradient (unweighted). `y` is known per call site (the kernels split a
+// row into its negatives and its single positive), so no select on y is needed in the hot loop.
+template <class O>
+struct ElementMath {
+  using V = typename O::V;
+  using M = typename O::M;
+
+  // max/min that keep a NaN operand (std::fmax would replace it), so NaN logits stay visible.
+  static GK_HD V max_keep_nan(V x, V bound) { return O::select(O::lt(x, bound), bound, x); }
+  static GK_HD V min_keep_nan(V x, V bound) { return O::select(O::gt(x, bound), bound, x); }
+
+  // 0 for finite q, NaN for +-Inf and NaN: added to loss and gradient so that a non-finite
+  // logit is never hidden by the clamp (SPEC.md section 6).
+  static GK_HD V poison(V q) { return q - q; }
+
+  struct Gumbel {
+    V q, t, one_minus_p, p;
+    M inside;  // lo < q < hi: the clamp passes the gradient
+  };
+
+  static GK_HD Gumbel gumbel(V q, V lo, V hi) {
+    Gumbel g;
+    g.q = q;
+    const V qc = min_keep_nan(max_keep_nan(q, lo), hi);
+    g.t = O::exp(O::neg(qc));
+    g.one_minus_p = O::neg(O::expm1(O::neg(g.t)));  // 1 - p without cancellation near p = 1
+    g.p = O::exp(O::neg(g.t));
+    g.inside = O::both(O::gt(q, lo), O::lt(q, hi));
+    return g;
+  }
+
+  // y = 0: loss -log(1 - p); gradient p t / (1 - p), or BCE's p^2 t / max(p (1 - p), eps).
+  static GK_HD void gumbel_negative(const Gumbel& g, GradMode grad_mode, V* loss, V* grad) {
+    const V zero = O::splat(0.0f);
+    *loss = min_keep_nan(O::neg(O::log(g.one_minus_p)), O::splat(kLossCap)) + poison(g.q);
+    const V pt = g.p * g.t;
+    V d;
+    if (grad_mode == GradMode::kReference) {
+      d = g.p * pt / max_keep_nan(g.p * g.one_minus_p, O::splat(kBceEps));
+    } else {
+      d = pt / g.one_minus_p;
+    }
+    *grad = O::select(g.inside, d, zero) + poison(g.q);
+  }
+
+  // y = 1: loss t; gradient -t, or BCE's -(1 - p) p t / max(p (1 - p), eps) (its dead zone).
+  static GK_HD void gumbel_positive(const Gumbel& g, GradMode grad_mode, V* loss, V* grad) {
+    const V zero = O::splat(0.0f);
+    *loss = min_keep_nan(g.t, O::splat(kLossCap)) + poison(g.q);
+    V d;
+    if (grad_mode == GradMode::kReference) {
+      d = O::neg(g.one_minus_p) * g.p * g.t /
+          max_keep_nan(g.p * g.one_minus_p, O::splat(kBceEps));
+    } else {
+      d = O::neg(g.t);
+    }
+    *grad = O::select(g.inside, d, zero) + poison(g.q);
+  }
+
+  // Sigmoid BCE (the paper's baseline): softplus(q) - y q, gradient sigmoid(q) - y.
+  static GK_HD void sigmoid(V q, bool positive, V* loss, V* grad) {
+    const V zero = O::splat(0.0f);
+    const V one = O::splat(1.0f);
+    const V e = O::exp(O::neg(O::abs(q)));
+    const V softplus = max_keep_nan(q, zero) + O::log1p(e);
+    // sigmoid from e = exp(-|q|) so that neither branch overflows.
+    const V s = O::select(O::lt(q, zero), e / (one + e), one / (one + e));
+    *loss = (positive ? softplus - q : softplus) + poison(q);
+    *grad = (positive ? s - one : s) + poison(q);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Everything a kernel needs besides the tensors.
+struct GolParams {
+  int64_t num_rows = 0;
+  int64_t num_classes = 0;
+  Mode mode = Mode::kDropLoss;
+  Activation activation = Activation::kGumbel;
+  Reduction reduction = Reduction::kMean;
+  GradMode grad_mode = GradMode::kReference;
+  float clamp_min = -4.0f;  // -inf when unbounded
+  float clamp_max = 10.0f;  // +inf when unbounded
+  int64_t ignore_index = -100;
+  PhiloxKey philox{0, 0, 0, 0};
+  bool need_grad = true;
+};
+
+}  // namespace gk

@@ -1,0 +1,93 @@
+"""Loads the compiled gumbel_kernels._C and registers, side by side, the fake kernels and the
+autograd formulas of the ops whose schemas csrc/gol_loss.cpp defines.
+
+Importing this module never fails: when the extension is missing, `has_ops()` is False and
+`load_error()` says why, so the pure-PyTorch and Triton backends still work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_LOAD_ERROR: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+except ImportError as error:  # pragma: no cover - depends on the build
+    _LOAD_ERROR = f"gumbel_kernels._C could not be imported ({error}); build it with `make build`"
+
+
+def has_ops() -> bool:
+    """True when the compiled operator library is loaded."""
+    return _LOAD_ERROR is None
+
+
+def load_error() -> Optional[str]:
+    """Why the compiled operator library is unavailable, or None."""
+    return _LOAD_ERROR
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """True when gumbel::<op_name> has a kernel for the dispatch key ("CPU", "CUDA")."""
+    if not has_ops():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gumbel::{op_name}", dispatch_key)
+
+
+def scalar_loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Mean/sum losses are float32, or float64 for float64 logits."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+if has_ops():
+
+    @torch.library.register_fake("gumbel::gol_loss")
+    def _gol_loss_fake(logits, labels, drop_classes, class_weight, row_weight, seed, offset=0,
+                       mode="droploss", activation="gumbel", reduction="mean", clamp_min=-4.0,
+                       clamp_max=10.0, grad_mode="reference", ignore_index=-100, need_grad=True):
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+        torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0],
+                     lambda: "labels must have shape (N,)")
+        if reduction == "none":
+            loss = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        else:
+            loss = logits.new_empty((), dtype=scalar_loss_dtype(logits))
+        if need_grad:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        else:
+            grad = logits.new_empty((0,))
+        return loss, grad
+
+    def _gol_loss_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _gol_loss_backward(ctx, grad_loss, _unused_grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
+            raise RuntimeError("gumbel::gol_loss was called with need_grad=False, so it saved no "
+                               "gradient; call it with need_grad=True to differentiate it")
+        # Out of place: a graph run twice (retain_graph) must see the unscaled gradient again.
+        return (grad * grad_loss).to(grad.dtype), *([None] * 14)
+
+    torch.library.register_autograd("gumbel::gol_loss", _gol_loss_backward,
+                                    setup_context=_gol_loss_setup_context)
+
+    @torch.library.register_fake("gumbel::gumbel_activation")
+    def _gumbel_activation_fake(logits):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def _gumbel_activation_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    def _gumbel_activation_backward(ctx, grad_scores):
+        logits, scores = ctx.saved_tensors
+        # d/dq exp(-exp(-q)) = p * exp(-q)
+        return grad_scores * scores * torch.exp(-logits)
+
+    torch.library.register_autograd("gumbel::gumbel_activation", _gumbel_activation_backward,
+                                    setup_context=_gumbel_activation_setup_context)
+
+    @torch.library.register_fake("gumbel::scale_grad_")
+    def _scale_grad_fake(grad, grad_output):
+        return None

@@ -1,0 +1,219 @@
+"""The GOL loss contract (shared SPEC.md, sections 2-4) written in plain PyTorch.
+
+This module is the oracle every backend is tested against: it favours being obviously
+right over being fast (it materialises every N x C intermediate). It also holds the pieces
+of the contract that the Python-side backends share: the Philox4x32-10 stream written with
+int64 tensor ops, and the DropLoss background ratio.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# Philox4x32-10 constants (Random123, Salmon et al. SC'11).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+# Caps taken from torch.nn.functional.binary_cross_entropy, which GOL trains with: the log is
+# clamped at -100 and the backward divides by max(p * (1 - p), 1e-12).
+LOSS_CAP = 100.0
+BCE_EPS = 1e-12
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * m for uint32 values held in int64 tensors.
+
+    The 64-bit product would overflow int64, so it is formed from two 48-bit partial products.
+    """
+    low = a * (m & 0xFFFF)
+    high = a * (m >> 16)
+    lo = (low + ((high & 0xFFFF) << 16)) & _MASK32
+    hi = ((high + (low >> 16)) >> 16) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: Tuple[torch.Tensor, ...], key: Tuple[int, int]) -> Tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on int64 tensors holding uint32 words; returns the four output words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for round_index in range(PHILOX_ROUNDS):
+        if round_index:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _split64(value: int) -> Tuple[int, int]:
+    value &= (1 << 64) - 1
+    return value & _MASK32, value >> 32
+
+
+def philox_uniform(num_rows: int, num_cols: int, seed: int, offset: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 uniforms u_ij of SPEC.md section 4 for an (N, C) matrix.
+
+    Element e = i*C + j uses output word (e & 3) of the Philox call whose counter is
+    (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and whose key is the seed.
+    """
+    total = num_rows * num_cols
+    groups = (total + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    off_lo, off_hi = _split64(offset)
+    counter = (g & _MASK32, (g >> 32) & _MASK32,
+               torch.full_like(g, off_lo), torch.full_like(g, off_hi))
+    words = torch.stack(philox4x32_10(counter, _split64(seed)), dim=1).reshape(-1)[:total]
+    # The top 24 bits scaled by 2^-24 are exact in float32 and lie in [0, 1).
+    return ((words >> 8).to(torch.float32) * (2.0 ** -24)).reshape(num_rows, num_cols)
+
+
+def count_rows(labels: torch.Tensor, num_classes: int, ignore_index: int,
+               drop_classes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(#non-ignored rows, #foreground rows, #foreground rows whose class is a drop class)."""
+    valid = labels != ignore_index
+    foreground = valid & (labels >= 0) & (labels < num_classes)
+    if drop_classes is None:
+        fg_drop = torch.zeros((), dtype=torch.int64, device=labels.device)
+    else:
+        safe = torch.where(foreground, labels, torch.zeros_like(labels))
+        fg_drop = (foreground & drop_classes[safe]).sum()
+    return valid.sum(), foreground.sum(), fg_drop
+
+
+def drop_ratio(fg_rows: torch.Tensor, fg_drop_rows: torch.Tensor) -> torch.Tensor:
+    """float32(#fg rows of drop classes) / float32(#fg rows); NaN when there is no fg row.
+
+    A NaN ratio makes every `u > ratio` false, so nothing is dropped, as in GOL.
+    """
+    return fg_drop_rows.to(torch.float32) / fg_rows.to(torch.float32)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError naming the first label outside [0, C] that is not ignore_index."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels > num_classes))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{index}] = {int(labels[index])} is out of range: expected a class in "
+            f"[0, {num_classes - 1}], {num_classes} for background, or ignore_index={ignore_index}")
+
+
+def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
+                          clamp_min: Optional[float], clamp_max: Optional[float],
+                          grad_mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted per-element loss and d loss / d q (SPEC.md section 2), in q's dtype."""
+    positive = y > 0
+    if activation == "gumbel":
+        qc = q if clamp_min is None and clamp_max is None else torch.clamp(q, clamp_min, clamp_max)
+        t = torch.exp(-qc)
+        one_minus_p = -torch.expm1(-t)  # 1 - p without cancellation near p = 1
+        p = torch.exp(-t)
+        loss = torch.where(positive, t, -torch.log(one_minus_p)).clamp(max=LOSS_CAP)
+        if grad_mode == "reference":
+            # BCE backward: (p - y) / max(p (1 - p), eps) * dp/dq, with dp/dq = p t.
+            numerator = torch.where(positive, -one_minus_p, p)
+            grad = numerator / torch.clamp(p * one_minus_p, min=BCE_EPS) * p * t
+        else:
+            grad = torch.where(positive, -t, p * t / one_minus_p)
+        inside = torch.ones_like(positive)
+        if clamp_min is not None:
+            inside = inside & (q > clamp_min)
+        if clamp_max is not None:
+            inside = inside & (q < clamp_max)
+        grad = torch.where(inside, grad, torch.zeros_like(grad))
+    elif activation == "sigmoid":
+        softplus = torch.clamp(q, min=0) + torch.log1p(torch.exp(-q.abs()))
+        loss = softplus - y * q
+        grad = torch.sigmoid(q) - y
+    else:
+        raise ValueError(f"activation must be 'gumbel' or 'sigmoid', got {activation!r}")
+    # Non-finite logits must surface in loss and gradient (a clamp would otherwise hide an Inf
+    # from a NaN guard or a GradScaler): q - q is 0 for finite q and NaN otherwise.
+    poison = q - q
+    return loss + poison, grad + poison
+
+
+def element_weights(labels: torch.Tensor, num_classes: int, drop_classes: Optional[torch.Tensor],
+                    class_weight: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
+                    mode: str, ignore_index: int, seed: int, offset: int,
+                    dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w, valid): the (N, C) weights of SPEC.md section 3 and the non-ignored row mask."""
+    n = labels.shape[0]
+    device = labels.device
+    valid = labels != ignore_index
+    foreground = valid & (labels < num_classes)
+    background = valid & (labels == num_classes)
+    w = torch.ones(n, num_classes, dtype=dtype, device=device)
+    if mode in ("eql", "droploss") and drop_classes is not None:
+        is_drop = drop_classes.to(device=device, dtype=torch.bool)
+        y = one_hot_targets(labels, num_classes, ignore_index, dtype)
+        fg_w = 1.0 - is_drop.to(dtype)[None, :] * (1.0 - y)
+        w = torch.where(foreground[:, None], fg_w, w)
+        if mode == "droploss":
+            _, fg_rows, fg_drop_rows = count_rows(labels, num_classes, ignore_index, is_drop)
+            ratio = drop_ratio(fg_rows, fg_drop_rows)
+            u = philox_uniform(n, num_classes, seed, offset, device)
+            dropped = is_drop[None, :] & (u > ratio)
+            w = torch.where(background[:, None] & dropped, torch.zeros_like(w), w)
+    elif mode not in ("bce", "eql", "droploss"):
+        raise ValueError(f"mode must be 'bce', 'eql' or 'droploss', got {mode!r}")
+    if class_weight is not None:
+        w = w * class_weight.to(dtype)[None, :]
+    if row_weight is not None:
+        w = w * row_weight.to(dtype)[:, None]
+    return w, valid
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """y_ij = 1 on the positive column of foreground rows, 0 elsewhere."""
+    foreground = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    safe = torch.where(foreground, labels, torch.zeros_like(labels))
+    y = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    y.scatter_(1, safe[:, None], foreground[:, None].to(dtype))
+    return y
+
+
+def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
+                     drop_classes: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
+                     row_weight: Optional[torch.Tensor], seed: torch.Tensor, offset: int,
+                     mode: str, activation: str, reduction: str,
+                     clamp_min: Optional[float], clamp_max: Optional[float], grad_mode: str,
+                     ignore_index: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fused-forward contract of gumbel_kernels/INTERFACES.md: (loss, d loss / d logits)."""
+    n, num_classes = logits.shape
+    check_labels(labels, num_classes, ignore_index)
+    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    q = logits.to(math_dtype)
+    y = one_hot_targets(labels, num_classes, ignore_index, math_dtype)
+    loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
+    w, valid = element_weights(labels, num_classes, drop_classes, class_weight, row_weight,
+                               mode, ignore_index, int(seed.reshape(-1)[0]), offset, math_dtype)
+    rows = valid[:, None]
+    zero = torch.zeros((), dtype=math_dtype, device=logits.device)
+    weighted_loss = torch.where(rows, w * loss, zero)
+    weighted_grad = torch.where(rows, w * grad, zero)
+    if reduction == "mean":
+        denominator = max(1, int(valid.sum()))
+        out = weighted_loss.sum() / denominator
+        weighted_grad = weighted_grad / denominator
+    elif reduction == "sum":
+        out = weighted_loss.sum()
+    elif reduction == "none":
+        out = weighted_loss.to(logits.dtype)
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    grad_out = weighted_grad.to(logits.dtype) if need_grad else logits.new_empty(0)
+    return out, grad_out
+
+
+def gumbel_activation(logits: torch.Tensor) -> torch.Tensor:
+    """eta(q) = exp(-exp(-q)), the Gumbel CDF, on the raw logits (no clamp)."""
+    return torch.exp(-torch.exp(-logits))
