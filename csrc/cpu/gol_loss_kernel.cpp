@@ -17,6 +17,8 @@
 
 #include "../gol_checks.h"
 #include "../gol_math.h"
+#include "huge_pages.h"
+#include "philox_avx2.h"
 #include "vec_ops.h"
 
 namespace gk {
@@ -25,6 +27,15 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kRowsPerPartial = 16;
+
+// Bit k of an 8-bit value moved to bit 4k.
+inline uint32_t spread_nibbles(uint32_t v) {
+  uint32_t x = v & 0xFF;
+  x = (x | (x << 12)) & 0x000F000Fu;
+  x = (x | (x << 6)) & 0x03030303u;
+  x = (x | (x << 3)) & 0x11111111u;
+  return x;
+}
 
 // Row statistics of the labels pre-pass: it also rejects out-of-range labels before any
 // element is touched.
@@ -51,6 +62,10 @@ LabelCounts count_labels(const int64_t* labels, const bool* drop, const GolParam
   return counts;
 }
 
+// 64-bit words of a per-column bitmask, with one spare word so that reading the eight bits at
+// any column j < C may touch word (j >> 6) + 1.
+inline int64_t drop_words(int64_t num_classes) { return (num_classes >> 6) + 2; }
+
 // The kernel's view of one call: read-only after setup, shared by all threads.
 template <typename math_t>
 struct Plan {
@@ -61,6 +76,7 @@ struct Plan {
   std::vector<math_t> fg_weight;  // foreground rows, negative column j: (1 - T_j) * cw_j (eql/droploss)
   std::vector<math_t> bg_weight;  // background rows before dropping: cw_j
   std::vector<math_t> pos_weight;  // the positive column: cw_j
+  std::vector<uint64_t> drop_bits;  // bit j: class j is a drop class (T_j = 1)
   bool drop_background = false;   // DropLoss draws uniforms on background rows
   float ratio = 0.0f;
   math_t inv_denominator = 1;
@@ -82,6 +98,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
   plan.fg_weight.resize(c);
   plan.bg_weight.resize(c);
   plan.pos_weight.resize(c);
+  plan.drop_bits.assign(drop_words(c), 0);
   bool any_drop_class = false;
   for (int64_t j = 0; j < c; ++j) {
     const math_t class_w = cw ? cw[j] : math_t(1);
@@ -90,6 +107,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
     plan.fg_weight[j] = (drops_foreground && is_drop) ? math_t(0) * class_w : class_w;
     plan.bg_weight[j] = class_w;
     plan.pos_weight[j] = class_w;
+    if (is_drop) plan.drop_bits[j >> 6] |= uint64_t(1) << (j & 63);
   }
   if (p.mode == Mode::kDropLoss && any_drop_class && counts.foreground > 0) {
     plan.ratio = static_cast<float>(counts.foreground_drop) / static_cast<float>(counts.foreground);
@@ -102,76 +120,99 @@ Plan<math_t> make_plan(const GolInputs& in) {
   return plan;
 }
 
-// Background row of DropLoss: weights with the dropped elements zeroed. Element (i, j) uses word
-// (e & 3) of Philox call e >> 2, e = i*C + j; a row rarely starts on a group boundary, so the
-// groups are walked and clipped to the row. Groups go through Philox in batches of kLanes
-// independent calls, written as plain loops the compiler turns into SIMD.
+// Background row of DropLoss: sets bit j of `dropped` when element (row, j) is dropped, i.e.
+// T_j = 1 and u > ratio. Element (i, j) uses word (e & 3) of Philox call e >> 2, e = i*C + j;
+// a row rarely starts on a group boundary, so groups are drawn eight at a time (32 elements)
+// and their bits shifted into the row's place.
 template <typename math_t>
-void background_row_weights(const Plan<math_t>& plan, int64_t row, math_t* out) {
-  constexpr int kLanes = 8;
+void background_row_dropped(const Plan<math_t>& plan, int64_t row, uint64_t* dropped) {
+  constexpr int64_t kGroups = 8;
   const int64_t c = plan.p.num_classes;
   const int64_t first = row * c;
   const int64_t last = first + c;  // exclusive
-  std::copy(plan.bg_weight.begin(), plan.bg_weight.end(), out);
-  const int64_t g_begin = first >> 2;
-  const int64_t g_end = ((last - 1) >> 2) + 1;
+  const int64_t words = drop_words(c);
+  std::fill(dropped, dropped + words, uint64_t(0));
   const PhiloxKey& key = plan.p.philox;
-  uint32_t words[4][kLanes];
-  for (int64_t g0 = g_begin; g0 < g_end; g0 += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g_end - g0));
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const Philox4 r = philox_group(g0 + lane, key);
-      for (int w = 0; w < 4; ++w) words[w][lane] = r.w[w];
+  for (int64_t g0 = first >> 2; g0 * 4 < last; g0 += kGroups) {
+    int above[4] = {0, 0, 0, 0};  // bit k of above[w]: element 4 (g0 + k) + w has u > ratio
+#if defined(CPU_CAPABILITY_AVX2)
+    drop_bits_groups8(g0, key, plan.ratio, above);
+#else
+    for (int64_t k = 0; k < kGroups; ++k) {
+      const Philox4 r = philox_group(g0 + k, key);
+      for (int w = 0; w < 4; ++w) above[w] |= (uniform_from_bits(r.w[w]) > plan.ratio) << k;
     }
-    for (int lane = 0; lane < lanes; ++lane) {
-      for (int w = 0; w < 4; ++w) {
-        const int64_t e = (g0 + lane) * 4 + w;
-        if (e < first || e >= last) continue;
-        const int64_t j = e - first;
-        if (plan.drop[j] && uniform_from_bits(words[w][lane]) > plan.ratio) out[j] = math_t(0);
-      }
+#endif
+    // Element order: element 4k + w is bit 4k + w.
+    uint64_t bits = 0;
+    for (int w = 0; w < 4; ++w) bits |= uint64_t(spread_nibbles(above[w])) << w;
+    int64_t position = g0 * 4 - first;  // column of bit 0, >= -3
+    if (position < 0) {
+      bits >>= -position;
+      position = 0;
     }
+    const int64_t shift = position & 63;
+    dropped[position >> 6] |= bits << shift;
+    if (shift > 32) dropped[(position >> 6) + 1] |= bits >> (64 - shift);
   }
+  // Only drop classes drop; this also clears the bits past column C - 1.
+  for (int64_t w = 0; w < words; ++w) dropped[w] &= plan.drop_bits[w];
+}
+
+// The eight bits of `mask` at columns j .. j + 7.
+inline uint32_t mask_byte(const uint64_t* mask, int64_t j) {
+  const int64_t shift = j & 63;
+  uint64_t bits = mask[j >> 6] >> shift;
+  if (shift > 56) bits |= mask[(j >> 6) + 1] << (64 - shift);
+  return static_cast<uint32_t>(bits & 0xFF);
 }
 
 // Negative columns [begin, end) of one float row: writes w*grad*grad_scale and (reduction
 // "none") w*loss*loss_scale; returns sum_j w_j loss_j. Lanes are summed in a fixed order.
-template <bool kGumbel>
-double negatives_float(const GolParams& p, const float* q, const float* w, float* grad,
-                       float* loss_out, int64_t begin, int64_t end, float grad_scale,
-                       float loss_scale) {
-  using Math = ElementMath<VecOps>;
+template <bool kGumbel, bool kLean>
+double negatives_float(const GolParams& p, const float* q, const float* w,
+                       const uint64_t* dropped, float* grad, float* loss_out, int64_t begin,
+                       int64_t end, float grad_scale, float loss_scale) {
+  using Math = ElementMath<VecOpsT<kLean>>;
+  constexpr int64_t kWidth = Vec::size();
   const Vec lo(p.clamp_min), hi(p.clamp_max), gscale(grad_scale), lscale(loss_scale);
-  Vec acc(0.0f);
-  for (int64_t j = begin; j < end; j += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), end - j);
+  Vec acc[2] = {Vec(0.0f), Vec(0.0f)};
+  auto element = [&](int64_t j, int64_t count, Vec& sum) {
     // Padding lanes of a partial load read as q = 0, w = 0: finite, and weighted to zero.
-    const Vec qv = count == Vec::size() ? Vec::loadu(q + j) : Vec::loadu(q + j, count);
-    const Vec wv = count == Vec::size() ? Vec::loadu(w + j) : Vec::loadu(w + j, count);
+    const Vec qv = count == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, count);
+    Vec wv = count == kWidth ? Vec::loadu(w + j) : Vec::loadu(w + j, count);
+    if (dropped != nullptr) wv = VecOpsT<kLean>::zero_lanes(wv, mask_byte(dropped, j));
     Vec lv, gv;
     if constexpr (kGumbel) {
-      const auto g = Math::gumbel(qv, lo, hi);
-      Math::gumbel_negative(g, p.grad_mode, &lv, &gv);
+      Math::gumbel_negative_series(qv, lo, hi, p.grad_mode, &lv, &gv);
     } else {
       Math::sigmoid(qv, /*positive=*/false, &lv, &gv);
     }
     const Vec weighted = wv * lv;
-    acc = acc + weighted;
+    sum = sum + weighted;
     if (grad != nullptr) (wv * gv * gscale).store(grad + j, count);
     if (loss_out != nullptr) (weighted * lscale).store(loss_out + j, count);
+  };
+  int64_t j = begin;
+  // Two vectors per step: their long exp/div chains are independent, so they overlap.
+  for (; j + 2 * kWidth <= end; j += 2 * kWidth) {
+    element(j, kWidth, acc[0]);
+    element(j + kWidth, kWidth, acc[1]);
   }
-  float lanes[Vec::size()];
-  acc.store(lanes);
+  for (; j < end; j += kWidth) element(j, std::min<int64_t>(kWidth, end - j), acc[0]);
+  float lanes[2][kWidth];
+  acc[0].store(lanes[0]);
+  acc[1].store(lanes[1]);
   double total = 0.0;
-  for (int k = 0; k < Vec::size(); ++k) total += lanes[k];
+  for (int k = 0; k < kWidth; ++k) total += static_cast<double>(lanes[0][k]) + lanes[1][k];
   return total;
 }
 
 // Negative columns of one float64 row (gradcheck path): scalar, same formulas.
 template <bool kGumbel>
-double negatives_double(const GolParams& p, const double* q, const double* w, double* grad,
-                        double* loss_out, int64_t begin, int64_t end, double grad_scale,
-                        double loss_scale) {
+double negatives_double(const GolParams& p, const double* q, const double* w,
+                        const uint64_t* dropped, double* grad, double* loss_out, int64_t begin,
+                        int64_t end, double grad_scale, double loss_scale) {
   using Math = ElementMath<ScalarOps<double>>;
   double total = 0.0;
   for (int64_t j = begin; j < end; ++j) {
@@ -181,9 +222,11 @@ double negatives_double(const GolParams& p, const double* q, const double* w, do
     } else {
       Math::sigmoid(q[j], false, &l, &g);
     }
-    total += w[j] * l;
-    if (grad != nullptr) grad[j] = w[j] * g * grad_scale;
-    if (loss_out != nullptr) loss_out[j] = w[j] * l * loss_scale;
+    const bool is_dropped = dropped != nullptr && ((dropped[j >> 6] >> (j & 63)) & 1);
+    const double wj = is_dropped ? 0.0 : w[j];
+    total += wj * l;
+    if (grad != nullptr) grad[j] = wj * g * grad_scale;
+    if (loss_out != nullptr) loss_out[j] = wj * l * loss_scale;
   }
   return total;
 }
@@ -201,11 +244,12 @@ math_t positive_element(const GolParams& p, math_t q, math_t* grad) {
   return l;
 }
 
-// Per-thread scratch: float copies of a half row, and the background row's weights.
+// Per-thread scratch: float copies of a half row, and the background row's dropped bits.
 template <typename math_t>
 struct Scratch {
-  std::vector<math_t> q, grad, loss, weight;
-  explicit Scratch(int64_t c) : q(c), grad(c), loss(c), weight(c) {}
+  std::vector<math_t> q, grad, loss;
+  std::vector<uint64_t> dropped;
+  explicit Scratch(int64_t c) : q(c), grad(c), loss(c), dropped(drop_words(c)) {}
 };
 
 // One row: loss sum (times its row weight) returned; grad / loss rows written.
@@ -226,9 +270,10 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   const math_t loss_scale = row_w;
 
   const math_t* weights = foreground ? plan.fg_weight.data() : plan.bg_weight.data();
+  const uint64_t* dropped = nullptr;
   if (!foreground && plan.drop_background) {
-    background_row_weights(plan, row, scratch.weight.data());
-    weights = scratch.weight.data();
+    background_row_dropped(plan, row, scratch.dropped.data());
+    dropped = scratch.dropped.data();
   }
 
   // float and double rows are worked on in place; half rows through float scratch.
@@ -250,9 +295,16 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   auto negatives = [&](int64_t begin, int64_t end) -> double {
     if (begin >= end) return 0.0;
     if constexpr (std::is_same_v<math_t, double>) {
-      return negatives_double<kGumbel>(p, q, weights, g, l, begin, end, grad_scale, loss_scale);
+      return negatives_double<kGumbel>(p, q, weights, dropped, g, l, begin, end, grad_scale, loss_scale);
     } else {
-      return negatives_float<kGumbel>(p, q, weights, g, l, begin, end, grad_scale, loss_scale);
+      // Sigmoid never needs the special cases; Gumbel does when the clamp lets t = exp(-q)
+      // leave the normal range (q above ~87).
+      if (!kGumbel || p.clamp_max <= 80.0f) {
+        return negatives_float<kGumbel, true>(p, q, weights, dropped, g, l, begin, end,
+                                              grad_scale, loss_scale);
+      }
+      return negatives_float<kGumbel, false>(p, q, weights, dropped, g, l, begin, end,
+                                             grad_scale, loss_scale);
     }
   };
 
@@ -321,8 +373,13 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cpu(
   const GolInputs in = prepare_gol_inputs(logits, labels, drop_classes, class_weight, row_weight,
                                           seed, offset, mode, activation, reduction, clamp_min,
                                           clamp_max, grad_mode, ignore_index, need_grad);
-  at::Tensor loss = allocate_loss(in);
-  at::Tensor grad = allocate_grad(in);
+  // The N x C outputs on huge pages (csrc/cpu/huge_pages.h); the scalar loss as usual.
+  at::Tensor loss = in.params.reduction == Reduction::kNone
+                        ? empty_huge_page_backed(in.logits.sizes(), in.logits.options())
+                        : allocate_loss(in);
+  at::Tensor grad = in.params.need_grad
+                        ? empty_huge_page_backed(in.logits.sizes(), in.logits.options())
+                        : allocate_grad(in);
   if (in.params.num_rows == 0) {
     loss.zero_();
     return {loss, grad};
