@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 BUILD_ENV ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test test-triton demo bench sanitize clean
+.PHONY: all venv build cmake-build test test-triton demo bench sanitize clean
 
 all: test
 
@@ -27,14 +27,30 @@ $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(shell find csrc -type f)
 
 build: $(VENV)/.stamp-build
 
-# Every test; then the Triton tests again under the interpreter (TRITON_INTERPRET must be set
-# before triton is imported, hence a second process).
-test: build
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+# Every test (tests/test_cmake_build.py loads the CMake build); then the Triton tests again under
+# the interpreter (TRITON_INTERPRET must be set before triton is imported, hence a second process).
+test: build cmake-build
+	GUMBEL_REQUIRE_CMAKE_BUILD=1 GUMBEL_EXPECT_CUDA_KERNEL=$(if $(CMAKE_CUDA_ARGS),1,0) \
+		$(PY) -m pytest tests -q $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton.py -q $(PYTEST_ARGS)
 
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton.py -q $(PYTEST_ARGS)
+
+# The CMake build of the same csrc/ against libtorch -> build/cmake/libgumbel_ops.so. CMake is
+# pointed at the toolkit root (CUDA_HOME, else /usr/local/cuda): it would guess it from nvcc's
+# location, which a wrapper in /usr/local/bin misleads.
+CUDA_ROOT ?= $(firstword $(CUDA_HOME) $(wildcard /usr/local/cuda))
+CMAKE_ARGS ?=
+ifneq ($(and $(CUDA_ROOT),$(wildcard $(CUDA_ROOT)/bin/nvcc)),)
+CMAKE_CUDA_ARGS := -DCMAKE_CUDA_COMPILER=$(CUDA_ROOT)/bin/nvcc -DCUDAToolkit_ROOT=$(CUDA_ROOT) \
+	-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_ROOT)
+endif
+
+cmake-build: $(VENV)/.stamp-build
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		$(CMAKE_CUDA_ARGS) $(CMAKE_ARGS)
+	cmake --build build/cmake -j 2
 
 demo: build
 	$(PY) -m gumbel_kernels.train --config configs/demo_cpu.yaml --out runs/demo

@@ -301,3 +301,27 @@ def test_gumbel_activation(device):
     torch.testing.assert_close(x.grad, torch.exp(-torch.exp(-q)) * torch.exp(-q))
     half = gk.gumbel_activation(q.half())
     assert half.dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flat_index_beyond_int32():
+    # N * C > 2^31: the last rows are only right if every flat index is 64-bit.
+    c = 1204
+    n = 2 ** 31 // c + 3
+    logits = torch.zeros(n, c, dtype=torch.float16, device="cuda")
+    tail = torch.randn(3, c, device="cuda").half() * 3
+    logits[-3:] = tail
+    labels = torch.full((n,), c, dtype=torch.int64, device="cuda")
+    labels[-2] = 17
+    loss = gk.gol_loss(logits, labels, None, mode="bce", reduction="none", backend="cuda")
+    expected = gk.gol_loss(tail.float().cpu(), labels[-3:].cpu(), None, mode="bce",
+                           reduction="none", backend="reference")
+    torch.testing.assert_close(loss[-3:].float().cpu(), expected, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bad_label_is_reported_not_read():
+    logits = torch.randn(4, 6, device="cuda")
+    labels = torch.tensor([0, 6, 1000000, 2], device="cuda")
+    with pytest.raises(ValueError, match=r"labels\[2\] = 1000000"):
+        torch.ops.gumbel.gol_loss(logits, labels, None, None, None, torch.tensor([1]))
