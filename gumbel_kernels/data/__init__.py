@@ -1,0 +1,11 @@
+"""Data for the detection harness: the LVIS json dataset, transforms, repeat-factor sampling and
+a synthetic LVIS-format generator (tests and the CPU demo)."""
+from .lvis import LVISDataset, collate_fn, frequency_from_image_count
+from .sampler import RepeatFactorSampler, build_train_sampler, repeat_factors
+from .transforms import ResizeConfig, build_transforms
+
+__all__ = [
+    "LVISDataset", "collate_fn", "frequency_from_image_count",
+    "RepeatFactorSampler", "build_train_sampler", "repeat_factors",
+    "ResizeConfig", "build_transforms",
+]
