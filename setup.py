@@ -3,8 +3,8 @@
 Environment switches:
   GUMBEL_NO_CUDA=1      skip the CUDA sources (quick local builds)
   FORCE_CUDA=1          require the CUDA sources (fail if nvcc is missing)
-  TORCH_CUDA_ARCH_LIST  GPU archs; defaults to "9.0" when no GPU is visible (the build machine
-                        has none), so every CI run compiles the CUDA kernels for Hopper
+  TORCH_CUDA_ARCH_LIST  GPU archs; defaults to "8.0;9.0" (A100, H100) when no GPU is visible
+                        (the build machine has none), so every CI run compiles the CUDA kernels
   GUMBEL_CPU_AVX2=0/1   build the CPU kernel with AVX2+FMA (default: on when this CPU has them)
   CUDA_HOME             the toolkit root (include/cuda_runtime.h, lib64/libcudart.so); found
                         from nvcc when unset, since torch's own guess can be one level too high
@@ -68,7 +68,7 @@ import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 use_avx2 = os.environ.get("GUMBEL_CPU_AVX2")
 use_avx2 = _cpu_has_avx2() if use_avx2 is None else _env_flag("GUMBEL_CPU_AVX2")

@@ -41,8 +41,9 @@ struct LabelCounts {
   int64_t first_bad;  // index of the first label outside [0, C] and not ignore_index
 };
 
-// Labels are validated on the host by default (one 8-byte device-to-host copy, which waits for
-// the work queued before it). GUMBEL_CUDA_CHECK_LABELS=0 skips it: then a row with a bad label
+// Labels are validated on the host by default (one 8-byte device-to-host copy after the fused
+// pass is queued, which waits for it; skipped during CUDA graph capture).
+// GUMBEL_CUDA_CHECK_LABELS=0 skips it: then a row with a bad label
 // gets NaN loss and gradient instead of an exception, and nothing is read out of bounds either way.
 bool check_labels_on_host() {
   static const bool enabled = [] {
@@ -163,8 +164,15 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
   const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
 
   double sum = 0.0;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < num_groups;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  // Grid-stride over groups of kChunk flat elements; the (row, column) of a group's first
+  // element advances by a fixed step, so there is one 64-bit division per thread, not per group.
+  const int64_t first_group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t step_rows = stride * kChunk / c;
+  const int64_t step_cols = stride * kChunk - step_rows * c;
+  int64_t group_row = first_group * kChunk / c;
+  int64_t group_col = first_group * kChunk - group_row * c;
+  for (int64_t g = first_group; g < num_groups; g += stride) {
     const int64_t e0 = g * kChunk;
     const bool full = e0 + kChunk <= total;
     Chunk<scalar_t> in;
@@ -174,25 +182,32 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) in.v[k] = e0 + k < total ? logits[e0 + k] : scalar_t(0);
     }
+    int64_t row = group_row;
+    int64_t j = group_col;
+    int64_t label = labels[row];
+    // Philox only where a background row of this group can drop something.
     Philox4 bits{{0, 0, 0, 0}};
-    if (drop_background) bits = philox_group(g, p.philox);
+    if (drop_background) {
+      bool needed = label == c;
+      if (!needed && j + kChunk > c) {  // the group runs into the next row(s)
+        needed = c < kChunk || (row + 1 < p.num_rows && labels[row + 1] == c);
+      }
+      if (needed) bits = philox_group(g, p.philox);
+    }
 
     Chunk<scalar_t> grad_out, loss_out;
-    int64_t row = e0 / c;
-    int64_t j = e0 - row * c;
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       math_t l = 0, d = 0;
       if (e0 + k < total) {
-        const int64_t label = labels[row];
         if (label != p.ignore_index) {
           if (label < 0 || label > c) {
-            l = nan;  // only reachable with GUMBEL_CUDA_CHECK_LABELS=0
+            l = nan;  // a bad label (reported on the host unless GUMBEL_CUDA_CHECK_LABELS=0)
             d = nan;
           } else {
             const bool positive = label == j;
             math_t w = class_weight != nullptr ? class_weight[j] : math_t(1);
-            if (!positive && drop != nullptr && drop[j]) {
+            if (!positive && (drops_foreground || drop_background) && drop[j]) {
               const bool foreground = label < c;
               if ((foreground && drops_foreground) ||
                   (!foreground && drop_background && uniform_from_bits(bits.w[k]) > ratio)) {
@@ -203,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
             math_t el, eg;
             element_loss_grad<math_t>(p, static_cast<math_t>(in.v[k]), positive, &el, &eg);
             l = w * el * rw;
-            d = w * eg * rw * inv_denominator;
+            d = w * eg * (rw * inv_denominator);
           }
         }
         sum += static_cast<double>(l);
@@ -213,7 +228,14 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
       if (++j == c) {
         j = 0;
         ++row;
+        if (k + 1 < kChunk && e0 + k + 1 < total) label = labels[row];
       }
+    }
+    group_col += step_cols;
+    group_row += step_rows;
+    if (group_col >= c) {
+      group_col -= c;
+      ++group_row;
     }
     if (kVectorized && full) {
       if (grad != nullptr) *reinterpret_cast<Chunk<scalar_t>*>(grad + e0) = grad_out;
@@ -246,9 +268,13 @@ __global__ void sum_partials_kernel(const double* __restrict__ partials, int64_t
 }
 
 int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0: not queried yet (benign race: same value)
+  const int device = c10::cuda::current_device();
+  if (device < kMaxDevices && cached[device] > 0) return cached[device];
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < kMaxDevices) cached[device] = sms;
   return sms;
 }
 
@@ -285,16 +311,6 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cuda(
                                                   p.num_rows, p.num_classes, p.ignore_index,
                                                   counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (check_labels_on_host()) {
-    const int64_t first_bad = workspace[3].item<int64_t>();
-    if (first_bad != kNoBadLabel) {
-      const int64_t value = in.labels[first_bad].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "gol_loss: labels[", first_bad, "] = ", value,
-                        " is out of range: expected a class in [0, ", p.num_classes - 1, "], ",
-                        p.num_classes, " for background, or ignore_index=", p.ignore_index);
-    }
-  }
-
   const int64_t total = p.num_rows * p.num_classes;
   const int64_t blocks = grid_size((total + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({blocks}, in.logits.options().dtype(at::kDouble));
@@ -326,6 +342,19 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  // Checked after the launches so that the copy overlaps the fused pass; not while a CUDA graph
+  // is being captured (a device-to-host copy is not allowed there: bad rows stay NaN).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone && check_labels_on_host()) {
+    const int64_t first_bad = workspace[3].item<int64_t>();
+    if (first_bad != kNoBadLabel) {
+      const int64_t value = in.labels[first_bad].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "gol_loss: labels[", first_bad, "] = ", value,
+                        " is out of range: expected a class in [0, ", p.num_classes - 1, "], ",
+                        p.num_classes, " for background, or ignore_index=", p.ignore_index);
+    }
+  }
   return {loss, grad};
 }
 
