@@ -73,7 +73,10 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
 use_avx2 = os.environ.get("GUMBEL_CPU_AVX2")
 use_avx2 = _cpu_has_avx2() if use_avx2 is None else _env_flag("GUMBEL_CPU_AVX2")
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template that, in torch's OpenMP builds, is an
+# `omp parallel` region; compiled without it, the kernel would run on one thread.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 if use_avx2:
     # at::vec picks its AVX2 implementation (Sleef exp/log, exported by libtorch_cpu) from these.
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2",
@@ -86,11 +89,12 @@ if WITH_CUDA:
     define_macros.append(("GUMBEL_WITH_CUDA", None))
     extension = CUDAExtension(
         "gumbel_kernels._C", sources, define_macros=define_macros,
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]})
 else:
     extension = CppExtension("gumbel_kernels._C", sources, define_macros=define_macros,
-                             extra_compile_args={"cxx": cxx_flags})
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="gumbel-kernels",

@@ -142,6 +142,9 @@ class _GOLLossFunction(torch.autograd.Function):
             activation, reduction, clamp_min, clamp_max, grad_mode, ignore_index, need_grad)
         ctx.backend_name = backend_name
         ctx.mutated = False
+        # The second output (the gradient) is never differentiated: without this, autograd
+        # would build an N x C tensor of zeros for it in every backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(grad)
         return loss, grad
@@ -149,6 +152,8 @@ class _GOLLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _unused):
         (grad,) = ctx.saved_tensors
+        if grad_loss is None:  # the loss itself was not used
+            return (None,) * 16
         if grad.dim() != 2:  # need_grad was False: the forward saved an empty (0,) tensor
             raise RuntimeError("gol_loss: no gradient was saved (the forward ran with autograd "
                                "disabled or logits.requires_grad=False)")
