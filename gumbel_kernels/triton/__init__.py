@@ -1,0 +1,1 @@
+"""Triton kernels of gumbel-kernels (gumbel_kernels.triton.gol_loss)."""
