@@ -1,0 +1,208 @@
+"""The training loop: SGD with linear warm-up and step decay, AMP, DDP, atomic checkpoints with an
+exact resume, a progress bar and a JSONL log.
+
+Exact resume: the data order is a function of (seed, epoch) (the sampler) and of the position in
+the epoch (saved), the DataLoader draws its worker seeds from its own generator, and the global
+RNG states are saved; so a resumed run takes the same next step as an uninterrupted one. With
+data.num_workers > 0 the random flips of the rest of the interrupted epoch are drawn by fresh
+workers, so only the order, not the flips, is replayed exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import collate_fn
+from . import distributed as dist_utils
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import SCHEDULES
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class _Batches(torch.utils.data.Sampler):
+    """A fixed list of index batches (the rest of an epoch)."""
+
+    def __init__(self, batches: List[List[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def scaled_lr(solver: dict, total_batch: int) -> float:
+    """Linear scaling rule: base_lr is for base_batch_size images per step (0.02 for 16)."""
+    lr = solver["base_lr"] * total_batch / solver["base_batch_size"]
+    if total_batch != solver["base_batch_size"]:
+        log.warning("total batch %d differs from %d: lr scaled linearly to %.5f", total_batch,
+                    solver["base_batch_size"], lr)
+    return lr
+
+
+def schedule(solver: dict, iters_per_epoch: int):
+    """(total iterations, lr factor per iteration): warm-up, then x0.1 at the schedule's steps,
+    placed at the same fraction of training when `epochs` overrides the schedule's length."""
+    schedule_epochs, step_epochs = SCHEDULES[solver["schedule"]]
+    epochs = solver["epochs"] or schedule_epochs
+    total = max(1, epochs * iters_per_epoch)
+    steps = [round(total * e / schedule_epochs) for e in step_epochs]
+    warmup, factor = int(solver["warmup_iters"]), float(solver["warmup_factor"])
+
+    def lr_factor(iteration: int) -> float:
+        scale = 0.1 ** sum(iteration >= s for s in steps)
+        if iteration < warmup:
+            alpha = iteration / warmup
+            scale *= factor * (1 - alpha) + alpha
+        return scale
+
+    return total, lr_factor
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM: finish the step, write a checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: stopping after this step (checkpoint first)", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, out_dir: str,
+          resume: bool = False, progress: bool = True) -> Dict[str, float]:
+    """Trains `model` (already on `device`, DDP-wrapped if distributed); returns the last losses."""
+    solver = cfg["solver"]
+    batch_size = int(solver["batch_size"])
+    world = dist_utils.world_size()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=scaled_lr(solver, batch_size * world),
+                                momentum=solver["momentum"], weight_decay=solver["weight_decay"])
+    iters_per_epoch = max(1, math.ceil(len(sampler) / batch_size))
+    total_iters, lr_factor = schedule(solver, iters_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    use_amp = bool(solver["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    iteration, epoch, batch_in_epoch = 0, 0, 0
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
+    if resume:
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = load_checkpoint(checkpoint_path)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        iteration, epoch, batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at iteration %d", checkpoint_path, iteration)
+    stop_at = min(total_iters, int(solver["max_iters"] or total_iters))
+
+    def checkpoint():
+        if dist_utils.is_main():
+            save_checkpoint(checkpoint_path, {
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "iteration": iteration, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "rng": rng_state(), "config": cfg})
+        dist_utils.barrier()
+
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if dist_utils.is_main() else None
+    bar = tqdm(total=stop_at, initial=iteration, disable=not (progress and dist_utils.is_main()),
+               desc="train", dynamic_ncols=True)
+    last: Dict[str, float] = {}
+    model.train()
+    loader_generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    with _StopRequest() as stop:
+        while iteration < stop_at and not stop.requested:
+            sampler.set_epoch(epoch)
+            indices = list(sampler)
+            batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=_Batches(batches[batch_in_epoch:]), collate_fn=collate_fn,
+                num_workers=int(cfg["data"]["num_workers"]), generator=loader_generator)
+            for images, targets in loader:
+                start = time.perf_counter()
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [_to_torchvision_target(t, device) for t in targets]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    losses = model(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at iteration {iteration}: "
+                                             f"{ {k: float(v) for k, v in losses.items()} }")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if solver["clip_grad_norm"]:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, float(solver["clip_grad_norm"]))
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                iteration += 1
+                batch_in_epoch += 1
+                last = {k: float(v) for k, v in losses.items()}
+                last["loss"] = float(loss)
+                if log_file is not None:
+                    record = {"iteration": iteration, "epoch": epoch,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "time": time.perf_counter() - start, **last}
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                bar.update(1)
+                every = int(solver["checkpoint_every"] or 0)
+                if every and iteration % every == 0 and iteration < stop_at:
+                    checkpoint()
+                if iteration >= stop_at or stop.requested:
+                    break
+            if batch_in_epoch >= len(batches):
+                epoch += 1
+                batch_in_epoch = 0
+        checkpoint()
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+    if stop.requested:
+        raise KeyboardInterrupt(f"stopped at iteration {iteration}; resume with --resume")
+    return last
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _to_torchvision_target(target: dict, device: torch.device) -> dict:
+    """Dataset targets (labels 0..C-1) -> torchvision's (1..C, 0 = background)."""
+    return {"boxes": target["boxes"].to(device), "labels": (target["labels"] + 1).to(device),
+            "masks": target["masks"].to(device)}
