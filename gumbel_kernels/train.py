@@ -62,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides, YAML values, e.g. solver.batch_size=4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-eval", action="store_true", help="train only, skip evaluation")
     args = parser.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
@@ -168,6 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         train(cfg, trained, train_set, sampler, device, out_dir, resume=args.resume,
               progress=not args.no_progress)
+    if args.no_eval:
+        dist_utils.cleanup()
+        return {}
     metrics = evaluate(model, val_set, paths["val_json"], device, out_dir,
                        max_dets=int(cfg["eval"]["max_dets"]),
                        batch_size=int(cfg["eval"]["batch_size"]),

@@ -5,6 +5,11 @@ Keys (defaults in gumbel_kernels/engine/config.py):
   weights: null (random init), a local state-dict file of the ResNet trunk, or a torchvision
            weight name such as ResNet50_Weights.IMAGENET1K_V1 (needs a download)
   trainable_layers: ResNet stages trained (5 = all; 3 is torchvision's default with weights)
+  norm: frozen_bn (torchvision's default, for pretrained trunks) | bn (trainable BatchNorm, for
+        training from scratch: frozen statistics of a random init normalise nothing);
+        default: frozen_bn with weights, bn without
+  rpn_pre_nms_top_n, rpn_post_nms_top_n: [train, test] proposals per image (torchvision's
+        defaults [2000, 1000] and [2000, 1000]; the CPU demo uses fewer)
   min_size: list of training shorter sides (one drawn per batch); the last is the test size
   max_size: longer-side cap
   normalized_mask, mask_temperature: GOL's cosine mask predictor
@@ -23,6 +28,7 @@ from torchvision.models import get_weight
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .mask_head import NormalizedMaskPredictor
 from .roi_heads import GOLBoxPredictor, GOLRoIHeads
@@ -50,8 +56,13 @@ def _backbone(cfg: dict):
                                  f"weight name ({error})") from None
     else:
         log.warning("model.weights is empty: the %s backbone starts from random init", name)
+    norm = cfg.get("norm") or ("frozen_bn" if weights else "bn")
+    if norm not in ("frozen_bn", "bn"):
+        raise ValueError(f"model.norm={norm!r} must be 'frozen_bn' or 'bn'")
+    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
     backbone = resnet_fpn_backbone(backbone_name=name, weights=torchvision_weights,
-                                   trainable_layers=int(cfg.get("trainable_layers", 5)))
+                                   trainable_layers=int(cfg.get("trainable_layers", 5)),
+                                   norm_layer=norm_layer)
     if local_file is not None:
         state = torch.load(local_file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -66,8 +77,13 @@ def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module) -> 
     backbone = _backbone(cfg)
     min_size = cfg.get("min_size", [800])
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
+    pre_nms = cfg.get("rpn_pre_nms_top_n", [2000, 1000])
+    post_nms = cfg.get("rpn_post_nms_top_n", [2000, 1000])
     model = MaskRCNN(backbone, num_classes=num_classes + 1, min_size=min_size,
-                     max_size=int(cfg.get("max_size", 1333)))
+                     max_size=int(cfg.get("max_size", 1333)),
+                     rpn_pre_nms_top_n_train=int(pre_nms[0]), rpn_pre_nms_top_n_test=int(pre_nms[1]),
+                     rpn_post_nms_top_n_train=int(post_nms[0]),
+                     rpn_post_nms_top_n_test=int(post_nms[1]))
     old = model.roi_heads
     representation = old.box_head.fc7.out_features
     box_predictor = GOLBoxPredictor(representation, num_classes,

@@ -9,7 +9,6 @@ Inference scores come from the loss's activation (Gumbel: exp(-exp(-q)) on the r
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,17 +30,20 @@ def to_gol_labels(torchvision_labels: Tensor, num_classes: int) -> Tensor:
 class GOLBoxPredictor(nn.Module):
     """Box classifier of `num_logits` outputs and class-specific box regression (C + 1 classes).
 
-    Initialisation follows the activation: Gumbel heads start at a bias of -2 (GOL), sigmoid heads
-    at the focal-loss prior bias -log(99), softmax heads at 0; weights are N(0, 0.001^2)
-    (N(0, 0.01^2) for softmax, torchvision's default).
+    Initialisation follows the activation, as in the official GOL code: Gumbel heads start with
+    every weight at 0.001 and a bias of -2; sigmoid heads with N(0, 0.001^2) weights and a bias
+    of -3.2 (GOL's DropLoss config); softmax heads with torchvision's N(0, 0.01^2) and 0.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_logits: int, activation: str):
         super().__init__()
         self.cls_score = nn.Linear(in_channels, num_logits)
         self.bbox_pred = nn.Linear(in_channels, (num_classes + 1) * 4)
-        bias = {"gumbel": -2.0, "sigmoid": -math.log(99.0), "softmax": 0.0}[activation]
-        nn.init.normal_(self.cls_score.weight, std=0.01 if activation == "softmax" else 0.001)
+        bias = {"gumbel": -2.0, "sigmoid": -3.2, "softmax": 0.0}[activation]
+        if activation == "gumbel":
+            nn.init.constant_(self.cls_score.weight, 0.001)
+        else:
+            nn.init.normal_(self.cls_score.weight, std=0.01 if activation == "softmax" else 0.001)
         nn.init.constant_(self.cls_score.bias, bias)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.constant_(self.bbox_pred.bias, 0.0)

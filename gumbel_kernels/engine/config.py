@@ -20,7 +20,8 @@ DEFAULTS: Dict[str, Any] = {
         "min_size": [640, 672, 704, 736, 768, 800], "max_size": 1333,
         "normalized_mask": False, "mask_temperature": 20.0, "nms": 0.5, "score_thresh": 1e-4,
         "detections_per_img": 300, "box_batch_size_per_image": 512,
-        "box_positive_fraction": 0.25,
+        "box_positive_fraction": 0.25, "norm": None,
+        "rpn_pre_nms_top_n": [2000, 1000], "rpn_post_nms_top_n": [2000, 1000],
     },
     "data": {
         "root": "data/lvis", "train_json": "lvis_v1_train.json", "val_json": "lvis_v1_val.json",

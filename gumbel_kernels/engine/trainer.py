@@ -171,8 +171,8 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 scheduler.step()
                 iteration += 1
                 batch_in_epoch += 1
-                last = {k: float(v) for k, v in losses.items()}
-                last["loss"] = float(loss)
+                last = {k: float(v.detach()) for k, v in losses.items()}
+                last["loss"] = float(loss.detach())
                 if log_file is not None:
                     record = {"iteration": iteration, "epoch": epoch,
                               "lr": optimizer.param_groups[0]["lr"],
