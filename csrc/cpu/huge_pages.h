@@ -9,6 +9,7 @@
 
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
 
 #include <cstdlib>
 
@@ -30,7 +31,17 @@ inline at::Tensor empty_huge_page_backed(at::IntArrayRef sizes, const at::Tensor
     void* data = nullptr;
     if (posix_memalign(&data, kHugePage, rounded) == 0) {
       madvise(data, rounded, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
-      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+      // Outside torch's allocator, so tell the profiler (memory profiles, benchmarks) ourselves.
+      const c10::Device cpu(c10::DeviceType::CPU);
+      const int64_t size = static_cast<int64_t>(rounded);
+      c10::reportMemoryUsageToProfiler(data, size, 0, 0, cpu);
+      return at::from_blob(
+          data, sizes,
+          [size, cpu](void* p) {
+            c10::reportMemoryUsageToProfiler(p, -size, 0, 0, cpu);
+            std::free(p);
+          },
+          options);
     }
   }
 #endif
