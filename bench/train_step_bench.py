@@ -76,9 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     # LVIS-like: about 40% of the classes are rare enough to be dropped.
     counts = torch.randint(1, 1000, (c,), generator=torch.Generator().manual_seed(1))
     counts[: int(0.4 * c)] = 1
-    losses = {"ours": GOLLoss(counts.tolist(), 10_000, lambda_=0.0011),
-              "eager": None}
-    losses["eager"] = LiteralGOLLoss(losses["ours"].drop_classes.clone())
+    fused = GOLLoss(counts.tolist(), 10_000, lambda_=0.0011)
+    losses = {"ours": fused, "eager": LiteralGOLLoss(fused.drop_classes.clone())}
     images, targets = _batch(args.batch, args.image_size, c, device)
     rois = args.batch * args.rois
     model_cfg = {"backbone": "resnet18", "weights": None, "min_size": [args.image_size],

@@ -82,12 +82,6 @@ GK_HD float uniform_from_bits(uint32_t bits) {
   return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;
 }
 
-// u_ij of flat element e = i*C + j.
-GK_HD float element_uniform(int64_t flat_index, const PhiloxKey& key) {
-  const Philox4 r = philox_group(flat_index >> 2, key);
-  return uniform_from_bits(r.w[flat_index & 3]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Scalar arithmetic for the templated element math. A vector type plugs in by providing the
 // same static members (csrc/cpu/vec_ops.h does so for at::vec::Vectorized<float>).

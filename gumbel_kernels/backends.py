@@ -6,7 +6,6 @@ raises with the reason; the GUMBEL_BACKEND environment variable overrides "auto"
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -133,9 +132,3 @@ def scale_saved_grad(backend: str, grad: torch.Tensor, grad_output: torch.Tensor
     else:
         grad.mul_(grad_output.reshape(()))
     return grad, True
-
-
-@functools.lru_cache(maxsize=None)
-def available(device_type: str) -> tuple:
-    """The backends that can run on `device_type` (for benchmarks and tests)."""
-    return tuple(name for name in BACKENDS if unavailable_reason(name, device_type) is None)

@@ -120,7 +120,8 @@ def _seed_tensor(seed) -> torch.Tensor:
 
 def _prepare_python_backend_inputs(logits, labels, class_weight, row_weight, ignore_index,
                                    check_labels: bool):
-    """The normalised inputs the Python backends expect (the C++ op normalises its own)."""
+    """The normalised inputs the Python backends expect (the C++ op normalises its own; the
+    reference checks its own labels, the Triton kernels rely on this check)."""
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     labels = labels.to(torch.int64).contiguous()
     if check_labels:
@@ -210,7 +211,7 @@ def gol_loss(logits: torch.Tensor, labels: torch.Tensor, drop_classes: Optional[
     if backend_name in ("reference", "triton"):
         logits, labels, class_weight, row_weight = _prepare_python_backend_inputs(
             logits, labels, class_weight, row_weight, ignore_index,
-            check_labels=not torch.compiler.is_compiling())
+            check_labels=backend_name == "triton" and not torch.compiler.is_compiling())
     if drop_classes is not None:
         drop_classes = drop_classes.contiguous()
     need_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -140,20 +140,20 @@ def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
     return loss + poison, grad + poison
 
 
-def element_weights(labels: torch.Tensor, num_classes: int, drop_classes: Optional[torch.Tensor],
+def element_weights(labels: torch.Tensor, y: torch.Tensor, drop_classes: Optional[torch.Tensor],
                     class_weight: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
-                    mode: str, ignore_index: int, seed: int, offset: int,
-                    dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(w, valid): the (N, C) weights of SPEC.md section 3 and the non-ignored row mask."""
-    n = labels.shape[0]
-    device = labels.device
+                    mode: str, ignore_index: int, seed: int, offset: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w, valid): the (N, C) weights of SPEC.md section 3 and the non-ignored row mask, given
+    the targets y of one_hot_targets (whose shape and dtype the weights take)."""
+    n, num_classes = y.shape
+    dtype, device = y.dtype, labels.device
     valid = labels != ignore_index
     foreground = valid & (labels < num_classes)
     background = valid & (labels == num_classes)
     w = torch.ones(n, num_classes, dtype=dtype, device=device)
     if mode in ("eql", "droploss") and drop_classes is not None:
         is_drop = drop_classes.to(device=device, dtype=torch.bool)
-        y = one_hot_targets(labels, num_classes, ignore_index, dtype)
         fg_w = 1.0 - is_drop.to(dtype)[None, :] * (1.0 - y)
         w = torch.where(foreground[:, None], fg_w, w)
         if mode == "droploss":
@@ -194,8 +194,8 @@ def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
     q = logits.to(math_dtype)
     y = one_hot_targets(labels, num_classes, ignore_index, math_dtype)
     loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
-    w, valid = element_weights(labels, num_classes, drop_classes, class_weight, row_weight,
-                               mode, ignore_index, int(seed.reshape(-1)[0]), offset, math_dtype)
+    w, valid = element_weights(labels, y, drop_classes, class_weight, row_weight, mode,
+                               ignore_index, int(seed.reshape(-1)[0]), offset)
     rows = valid[:, None]
     zero = torch.zeros((), dtype=math_dtype, device=logits.device)
     weighted_loss = torch.where(rows, w * loss, zero)

@@ -29,7 +29,7 @@ from .engine import distributed as dist_utils
 from .engine.checkpoint import load_checkpoint
 from .engine.config import load_config
 from .engine.evaluator import evaluate
-from .engine.trainer import CHECKPOINT_NAME, train
+from .engine.trainer import train
 from .losses import build_classification_loss
 
 log = logging.getLogger("gumbel_kernels.train")

@@ -74,8 +74,8 @@ struct Plan {
   const bool* drop = nullptr;
   const math_t* row_weight = nullptr;
   std::vector<math_t> fg_weight;  // foreground rows, negative column j: (1 - T_j) * cw_j (eql/droploss)
-  std::vector<math_t> bg_weight;  // background rows before dropping: cw_j
-  std::vector<math_t> pos_weight;  // the positive column: cw_j
+  std::vector<math_t> class_weight;  // cw_j (1 without class_weight): background rows before
+                                    // dropping, and every positive column
   std::vector<uint64_t> drop_bits;  // bit j: class j is a drop class (T_j = 1)
   bool drop_background = false;   // DropLoss draws uniforms on background rows
   float ratio = 0.0f;
@@ -96,8 +96,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
   const LabelCounts counts = count_labels(plan.labels, plan.drop, p);
   const bool drops_foreground = p.mode != Mode::kBce && plan.drop != nullptr;
   plan.fg_weight.resize(c);
-  plan.bg_weight.resize(c);
-  plan.pos_weight.resize(c);
+  plan.class_weight.resize(c);
   plan.drop_bits.assign(drop_words(c), 0);
   bool any_drop_class = false;
   for (int64_t j = 0; j < c; ++j) {
@@ -105,8 +104,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
     const bool is_drop = plan.drop != nullptr && plan.drop[j];
     any_drop_class = any_drop_class || is_drop;
     plan.fg_weight[j] = (drops_foreground && is_drop) ? math_t(0) * class_w : class_w;
-    plan.bg_weight[j] = class_w;
-    plan.pos_weight[j] = class_w;
+    plan.class_weight[j] = class_w;
     if (is_drop) plan.drop_bits[j >> 6] |= uint64_t(1) << (j & 63);
   }
   if (p.mode == Mode::kDropLoss && any_drop_class && counts.foreground > 0) {
@@ -269,7 +267,7 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   const math_t grad_scale = row_w * plan.inv_denominator;
   const math_t loss_scale = row_w;
 
-  const math_t* weights = foreground ? plan.fg_weight.data() : plan.bg_weight.data();
+  const math_t* weights = foreground ? plan.fg_weight.data() : plan.class_weight.data();
   const uint64_t* dropped = nullptr;
   if (!foreground && plan.drop_background) {
     background_row_dropped(plan, row, scratch.dropped.data());
@@ -313,7 +311,7 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     sum = negatives(0, label) + negatives(label + 1, c);
     math_t d;
     const math_t lpos = positive_element<math_t, kGumbel>(p, q[label], &d);
-    const math_t wpos = plan.pos_weight[label];
+    const math_t wpos = plan.class_weight[label];
     sum += static_cast<double>(wpos * lpos);
     if (g != nullptr) g[label] = wpos * d * grad_scale;
     if (l != nullptr) l[label] = wpos * lpos * loss_scale;

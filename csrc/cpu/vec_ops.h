@@ -62,7 +62,5 @@ struct VecOpsT {
   }
 };
 
-using VecOps = VecOpsT<false>;
-
 }  // namespace cpu
 }  // namespace gk

@@ -99,22 +99,11 @@ __global__ void count_labels_kernel(const int64_t* __restrict__ labels,
   }
 }
 
-template <typename math_t>
-struct ElementOps;
-template <>
-struct ElementOps<float> {
-  using Math = ElementMath<ScalarOps<float>>;
-};
-template <>
-struct ElementOps<double> {
-  using Math = ElementMath<ScalarOps<double>>;
-};
-
 // Loss and gradient of one element, unweighted.
 template <typename math_t>
 __device__ __forceinline__ void element_loss_grad(const GolParams& p, math_t q, bool positive,
                                                   math_t* loss, math_t* grad) {
-  using Math = typename ElementOps<math_t>::Math;
+  using Math = ElementMath<ScalarOps<math_t>>;
   if (p.activation == Activation::kSigmoid) {
     Math::sigmoid(q, positive, loss, grad);
     return;

@@ -46,7 +46,7 @@ import numpy as np
 
 __all__ = ["load_json", "CategoryTable", "category_table", "grid_cells", "annotation_centres",
            "ObjectDistributions", "object_distributions", "skew_summary", "GROUP_COLOURS",
-           "GROUP_NAMES", "GROUPS", "add_arguments", "run", "main"]
+           "GROUP_NAMES", "GROUPS", "add_arguments", "run"]
 
 GROUPS = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
@@ -322,11 +322,3 @@ def run(args) -> Dict:
     print(f"wrote {args.out}/p_obj.png, p_y_given_obj.png, p_y.png, p_y_histogram.png, "
           f"distributions.csv, distributions_classes.csv, summary.json")
     return summary
-
-
-def main(argv=None) -> Dict:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.analysis distributions",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -38,7 +38,7 @@ from .distributions import (GROUP_COLOURS, GROUP_NAMES, GROUPS, CategoryTable,
                             grid_cells, load_json)
 
 __all__ = ["spatial_histograms", "smoothed", "kl_divergence", "per_class_kl", "add_arguments",
-           "run", "main"]
+           "run"]
 
 
 def spatial_histograms(records: Sequence[dict], data: dict, grid: int = 20,
@@ -199,11 +199,3 @@ def run(args) -> Dict:
                   f"--ann were ignored)")
     print(f"wrote {args.out}/kl.png, kl_groups.png, kl.csv, kl_summary.json")
     return summary
-
-
-def main(argv=None) -> Dict:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.analysis kl",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

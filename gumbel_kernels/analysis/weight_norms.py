@@ -36,7 +36,7 @@ from .distributions import (GROUP_COLOURS, GROUP_NAMES, GROUPS, CategoryTable, _
                             category_table, load_json)
 
 __all__ = ["DEFAULT_KEY", "find_state_dict", "classifier_weight", "class_weight_norms",
-           "add_arguments", "run", "main"]
+           "add_arguments", "run"]
 
 DEFAULT_KEY = "roi_heads.box_predictor.cls_score.weight"
 
@@ -158,11 +158,3 @@ def run(args) -> Dict:
                                         for c in ("rare", "common", "frequent")))
     print(f"wrote {args.out}/weight_norms.png, weight_norms.csv, weight_norms.json")
     return summary
-
-
-def main(argv=None) -> Dict:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.analysis weight-norms",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

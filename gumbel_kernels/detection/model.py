@@ -89,8 +89,7 @@ def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module) -> 
     box_predictor = GOLBoxPredictor(representation, num_classes,
                                     classification_loss.num_logits(num_classes),
                                     classification_loss.activation)
-    mask_channels = old.mask_head[-1][0].out_channels if isinstance(old.mask_head[-1], nn.Sequential) \
-        else 256
+    mask_channels = old.mask_head[-1][0].out_channels  # torchvision's last 3x3 conv
     if cfg.get("normalized_mask", False):
         mask_predictor = NormalizedMaskPredictor(mask_channels, 256, num_classes + 1,
                                                  float(cfg.get("mask_temperature", 20.0)))

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
