@@ -19,6 +19,13 @@ namespace gk {
 constexpr float kLossCap = 100.0f;
 constexpr float kBceEps = 1e-12f;
 
+// Clamps inside these bounds take ElementMath::gumbel_negative_bounded (see there).
+constexpr float kBoundedClampMin = -4.0f;
+constexpr float kBoundedClampMax = 27.0f;
+GK_HD bool clamp_is_bounded(float lo, float hi) {
+  return lo >= kBoundedClampMin && hi <= kBoundedClampMax;
+}
+
 enum class Mode : int32_t { kBce = 0, kEql = 1, kDropLoss = 2 };
 enum class Activation : int32_t { kGumbel = 0, kSigmoid = 1 };
 enum class Reduction : int32_t { kMean = 0, kSum = 1, kNone = 2 };
@@ -92,9 +99,14 @@ template <>
 struct ScalarOps<float> {
   using V = float;
   using M = bool;
-  static constexpr bool kSeriesNegatives = true;
   static GK_HD V splat(float x) { return x; }
   static GK_HD V exp(V x) { return expf(x); }
+  static GK_HD V exp_bounded(V x) { return expf(x); }
+  static GK_HD V recip(V x) { return V(1) / x; }
+  static GK_HD V fma(V a, V b, V c) { return fmaf(a, b, c); }
+  // NaN-dropping min/max: callers that use them add gol_math.h's poison term.
+  static GK_HD V min(V a, V b) { return fminf(a, b); }
+  static GK_HD V max(V a, V b) { return fmaxf(a, b); }
   static GK_HD V one_minus_exp_neg(V t, V /*p*/) { return -expm1f(-t); }
   static GK_HD V log(V x) { return logf(x); }
   static GK_HD V log1p(V x) { return log1pf(x); }
@@ -110,9 +122,14 @@ template <>
 struct ScalarOps<double> {
   using V = double;
   using M = bool;
-  static constexpr bool kSeriesNegatives = false;
   static GK_HD V splat(double x) { return x; }
   static GK_HD V exp(V x) { return ::exp(x); }
+  static GK_HD V exp_bounded(V x) { return ::exp(x); }
+  static GK_HD V recip(V x) { return V(1) / x; }
+  static GK_HD V fma(V a, V b, V c) { return ::fma(a, b, c); }
+  // NaN-dropping min/max: callers that use them add gol_math.h's poison term.
+  static GK_HD V min(V a, V b) { return fmin(a, b); }
+  static GK_HD V max(V a, V b) { return fmax(a, b); }
   static GK_HD V one_minus_exp_neg(V t, V /*p*/) { return -::expm1(-t); }
   static GK_HD V log(V x) { return ::log(x); }
   static GK_HD V log1p(V x) { return ::log1p(x); }
@@ -171,12 +188,15 @@ struct ElementMath {
     const V pt = g.p * g.t;
     V d = pt / g.one_minus_p;
     if (grad_mode == GradMode::kReference) {
-      d = O::select(bce_eps_active(g), g.p * pt * O::splat(1.0f / kBceEps), d);
+      // (p / eps) (p t), not p^2 t / eps: p^2 is a denormal for q near the lower clamp.
+      d = O::select(bce_eps_active(g), (g.p * O::splat(1.0f / kBceEps)) * pt, d);
     }
     *grad = O::select(g.inside, d, zero) + poisoned;
   }
 
-  static GK_HD V horner(V x, V c0, V c1, V c2, V c3) { return ((c0 * x + c1) * x + c2) * x + c3; }
+  static GK_HD V horner(V x, V c0, V c1, V c2, V c3) {
+    return O::fma(O::fma(O::fma(c0, x, c1), x, c2), x, c3);
+  }
 
   // The same negative element in float32 with one exp less, no log and one division: the
   // float kernels' hot path. With t = exp(-qc) and u = t / 2:
@@ -205,7 +225,10 @@ struct ElementMath {
     const V b = O::splat(2.0f) - p;
     const V r = one / (a * b);
     const V s = p * a * r;              // p / (2 - p)
-    const V s2 = s * s;
+    // s ~ p / 2 is ~1e-24 near q = -4, where s^2 would be a (slow) denormal; the terms of s^2
+    // are below float resolution there anyway.
+    const V s_floor = max_keep_nan(s, O::splat(1e-12f));
+    const V s2 = s_floor * s_floor;
     const V atanh_ratio =
         horner(s2, horner(s2, O::splat(1.0f / 13.0f), O::splat(1.0f / 11.0f),
                           O::splat(1.0f / 9.0f), O::splat(1.0f / 7.0f)),
@@ -218,12 +241,62 @@ struct ElementMath {
     if (grad_mode == GradMode::kReference) {
       // BCE's eps: p (1 - p) < 1e-12 when p is tiny (q < -3.32) or when 1 - p ~ t is (q > 27.6).
       const V inv_eps = O::splat(1.0f / kBceEps);
-      d = O::select(O::lt(p, O::splat(kBceEps)), p * p * t * inv_eps, d);
+      d = O::select(O::lt(p, O::splat(kBceEps)), (p * inv_eps) * (p * t), d);
       d = O::select(O::lt(t, O::splat(kBceEps)), t * inv_eps, d);
     }
     *loss = min_keep_nan(O::select(low, loss_low, loss_high), O::splat(kLossCap)) + poisoned;
     const M inside = O::both(O::gt(q, lo), O::lt(q, hi));
     *grad = O::select(inside, d, O::splat(0.0f)) + poisoned;
+  }
+
+  // The float32 hot path for clamps inside [kBoundedClampMin, kBoundedClampMax] (the GOL
+  // default (-4, 10) is): t = exp(-qc) lies in [1.9e-12, 54.6], so no exp over- or underflows,
+  // no intermediate is a denormal (the CPU computes those through slow microcode assists), the
+  // loss stays below the cap and BCE's eps can only bite through p < 1e-12. Unpoisoned: callers
+  // add poison(q) themselves (the CPU kernel once per row chunk, for kept and dropped lanes).
+  //   t < 1:  -log(1 - e^-t) = qc + u - log(sinh(u) / u) with u = t / 2 (a series in u^2), and
+  //           p t / (1 - p) = t / (e^t - 1) (the Bernoulli series in t^2), as in the series form;
+  //   t >= 1: p = e^-t <= 1/e and -log(1 - p) = p Q(p), Q a polynomial fit of -log(1 - p) / p
+  //           on [0, 1/e] (weighted least squares on Chebyshev nodes, within 1e-7 relative in
+  //           float32); the gradient p t / (1 - p) with one reciprocal.
+  static GK_HD void gumbel_negative_bounded_core(V q, V lo, V hi, GradMode grad_mode, V* loss,
+                                                 V* grad) {
+    const V one = O::splat(1.0f);
+    const V qc = O::min(O::max(q, lo), hi);
+    const V t = O::exp_bounded(O::neg(qc));
+    const V u = t * O::splat(0.5f);
+    const V u2 = u * u;
+    const V log_sinhc = horner(u2, O::splat(-1.0f / 37800.0f), O::splat(1.0f / 2835.0f),
+                               O::splat(-1.0f / 180.0f), O::splat(1.0f / 6.0f)) * u2;
+    const V loss_low = qc + u - log_sinhc;
+    const V t2 = t * t;
+    const V grad_low = O::fma(horner(t2, O::splat(-1.0f / 1209600.0f), O::splat(1.0f / 30240.0f),
+                                     O::splat(-1.0f / 720.0f), O::splat(1.0f / 12.0f)),
+                              t2, one - u);
+
+    const V p = O::exp_bounded(O::neg(t));
+    const V q_poly = horner(p, horner(p, O::splat(0.574717104f), O::splat(-0.203410551f),
+                                      O::splat(0.288397342f), O::splat(0.177490458f)),
+                            O::splat(0.252199203f), O::splat(0.333229631f), O::splat(0.500001848f));
+    const V loss_high = p * O::fma(q_poly, p, one);
+    V factor = O::recip(one - p);  // 1 / (1 - p), 1 - p >= 0.63
+    if (grad_mode == GradMode::kReference) {
+      // BCE's p^2 t / eps where p (1 - p) < eps, i.e. p < eps here; (p / eps) (p t) stays normal.
+      factor = O::select(O::lt(p, O::splat(kBceEps)), p * O::splat(1.0f / kBceEps), factor);
+    }
+    const V grad_high = (p * t) * factor;
+
+    const M low = O::lt(t, one);
+    *loss = O::select(low, loss_low, loss_high);
+    const M inside = O::both(O::gt(q, lo), O::lt(q, hi));
+    *grad = O::select(inside, O::select(low, grad_low, grad_high), O::splat(0.0f));
+  }
+
+  static GK_HD void gumbel_negative_bounded(V q, V lo, V hi, GradMode grad_mode, V* loss,
+                                            V* grad) {
+    gumbel_negative_bounded_core(q, lo, hi, grad_mode, loss, grad);
+    *loss = *loss + poison(q);
+    *grad = *grad + poison(q);
   }
 
   // y = 1: loss t; gradient -t, or BCE's -(1 - p) p t / max(p (1 - p), eps) (its dead zone).

@@ -7,6 +7,8 @@ int64 tensor ops, and the DropLoss background ratio.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple
 
 import torch
@@ -115,7 +117,11 @@ def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
         t = torch.exp(-qc)
         one_minus_p = -torch.expm1(-t)  # 1 - p without cancellation near p = 1
         p = torch.exp(-t)
-        loss = torch.where(positive, t, -torch.log(one_minus_p)).clamp(max=LOSS_CAP)
+        # -log(1 - p) to full relative precision (Maechler's log1mexp): log(-expm1(-t)) while p
+        # is near 1, log1p(-p) once p <= 1/2, where 1 - p would round to 1 for tiny p and lose
+        # every digit of a loss of ~p.
+        neg_loss = torch.where(t < math.log(2.0), -torch.log(one_minus_p), -torch.log1p(-p))
+        loss = torch.where(positive, t, neg_loss).clamp(max=LOSS_CAP)
         if grad_mode == "reference":
             # BCE backward: (p - y) / max(p (1 - p), eps) * dp/dq, with dp/dq = p t.
             numerator = torch.where(positive, -one_minus_p, p)

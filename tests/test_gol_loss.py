@@ -86,6 +86,68 @@ def test_weights_clamp_and_ignore_index(device):
                                  reduction="sum")
 
 
+@pytest.mark.parametrize("clamp", [(-4.0, 10.0), (-3.0, 27.0), (-4.5, 12.0), None],
+                         ids=["default-bounded", "custom-bounded", "lean", "unclamped"])
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+def test_elements_match_float64_on_a_dense_grid(device, clamp, grad_mode):
+    # Every element formula of the float32 kernels (the bounded fast path, the series forms, the
+    # switch at t = 1, BCE's eps at q ~ -3.32, both clamp edges) against the float64 reference on
+    # the same logits. Near q = -4 the float32 rounding of t = exp(-q) alone moves the loss by
+    # up to t * 6e-8 ~ 3.3e-6 relative, hence rtol 1e-5.
+    q = torch.linspace(-6.0, 30.0, 24001)
+    q = torch.cat([q, torch.tensor([-4.0, 10.0, 27.0, -3.0, 12.0, -4.5, 0.0])])
+    logits = torch.stack([q, q.flip(0)]).to(device)
+    labels = torch.tensor([q.numel(), 5], device=device)  # a background and a foreground row
+    kw = dict(mode="bce", reduction="none", clamp=clamp, grad_mode=grad_mode)
+    loss32, grad32 = run(compiled_backend(device), logits, labels, None, **kw)
+    loss64, grad64 = run("reference", logits.double(), labels, None, **kw)
+    torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(grad32.double(), grad64, rtol=1e-5, atol=1e-30)
+
+
+def test_zero_weight_and_dropped_elements_still_surface_nan(device):
+    # The CPU kernel computes only the kept elements (nonzero weight, not dropped); a NaN logit
+    # on an element it skips must still poison the loss and its own gradient.
+    logits, labels, _ = make_batch(6, 40, device, background=0.0)
+    labels[:] = 1
+    drop = torch.zeros(40, dtype=torch.bool, device=device)
+    drop[7] = True  # a foreground row never trains a drop-class negative
+    class_weight = torch.ones(40, device=device)
+    class_weight[9] = 0.0
+    for column in (7, 9):
+        x = logits.clone()
+        x[2, column] = float("nan")
+        for backend in (compiled_backend(device), "reference"):
+            loss, grad = run(backend, x, labels, drop, class_weight=class_weight, seed=3)
+            assert torch.isnan(loss), (column, backend)
+            assert torch.isnan(grad[2, column]), (column, backend)
+            finite = torch.ones_like(grad, dtype=torch.bool)
+            finite[2, column] = False
+            assert bool(torch.isfinite(grad[finite]).all()), (column, backend)
+            assert bool((grad[:, column][finite[:, column]] == 0).all()), (column, backend)
+
+
+def test_reused_output_buffers_are_fully_rewritten(device):
+    # The CPU op hands a freed N x C output buffer out again (csrc/cpu/huge_pages.h): every
+    # element of a reused buffer must be written, ignored rows and skipped elements included.
+    logits, labels, drop = make_batch(1100, 1203, device, ignored=0.2)
+    labels = torch.where(labels == -100, torch.full_like(labels, -1), labels)
+    kw = dict(ignore_index=-1, seed=5)
+    first = run(compiled_backend(device), logits, labels, drop, **kw)[1].clone()
+    for _ in range(2):  # the second call's grad reuses the first call's freed buffer
+        garbage = run(compiled_backend(device), logits * 3 + 1, labels, drop, **kw)[1]
+        del garbage
+        again = run(compiled_backend(device), logits, labels, drop, **kw)[1]
+        assert torch.equal(again, first)
+        del again
+    none_kw = dict(kw, reduction="none")
+    expected = gk.gol_loss(logits, labels, drop, backend="reference", **none_kw)
+    for _ in range(2):
+        torch.testing.assert_close(
+            gk.gol_loss(logits, labels, drop, backend=compiled_backend(device), **none_kw),
+            expected, rtol=1e-5, atol=1e-6)
+
+
 def test_identical_dropped_elements(device):
     # All classes are drop classes and all rows but one foreground row are background, so the
     # loss of a background element is exactly zero iff it was dropped (for q > -2: below,

@@ -3,8 +3,10 @@
 // One pass over the logits computes loss and gradient together. Rows are grouped into blocks of
 // kRowsPerPartial; each block's loss is summed in a fixed order into its own partial and the
 // partials are added in index order, so the result does not depend on the thread count.
-// Within a row the negatives run through the at::vec body of csrc/gol_math.h and the single
-// positive column is done apart, so the hot loop never tests y.
+// Within a float row only the kept negatives (nonzero weight, not dropped: about a third of a
+// DropLoss row on LVIS) run through the at::vec element math of csrc/gol_math.h, packed densely
+// (csrc/cpu/lane_packing.h); the single positive column is done apart, so the hot loop never
+// tests y. float64 rows (gradcheck) take a plain scalar loop over the same formulas.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -18,6 +20,7 @@
 #include "../gol_checks.h"
 #include "../gol_math.h"
 #include "huge_pages.h"
+#include "lane_packing.h"
 #include "philox_avx2.h"
 #include "vec_ops.h"
 
@@ -27,15 +30,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kRowsPerPartial = 16;
-
-// Bit k of an 8-bit value moved to bit 4k.
-inline uint32_t spread_nibbles(uint32_t v) {
-  uint32_t x = v & 0xFF;
-  x = (x | (x << 12)) & 0x000F000Fu;
-  x = (x | (x << 6)) & 0x03030303u;
-  x = (x | (x << 3)) & 0x11111111u;
-  return x;
-}
 
 // Row statistics of the labels pre-pass: it also rejects out-of-range labels before any
 // element is touched.
@@ -77,6 +71,8 @@ struct Plan {
   std::vector<math_t> class_weight;  // cw_j (1 without class_weight): background rows before
                                     // dropping, and every positive column
   std::vector<uint64_t> drop_bits;  // bit j: class j is a drop class (T_j = 1)
+  std::vector<uint64_t> fg_nonzero_bits;  // bit j: fg_weight[j] != 0
+  std::vector<uint64_t> nonzero_bits;     // bit j: class_weight[j] != 0
   bool drop_background = false;   // DropLoss draws uniforms on background rows
   float ratio = 0.0f;
   math_t inv_denominator = 1;
@@ -98,6 +94,8 @@ Plan<math_t> make_plan(const GolInputs& in) {
   plan.fg_weight.resize(c);
   plan.class_weight.resize(c);
   plan.drop_bits.assign(drop_words(c), 0);
+  plan.fg_nonzero_bits.assign(drop_words(c), 0);
+  plan.nonzero_bits.assign(drop_words(c), 0);
   bool any_drop_class = false;
   for (int64_t j = 0; j < c; ++j) {
     const math_t class_w = cw ? cw[j] : math_t(1);
@@ -105,7 +103,11 @@ Plan<math_t> make_plan(const GolInputs& in) {
     any_drop_class = any_drop_class || is_drop;
     plan.fg_weight[j] = (drops_foreground && is_drop) ? math_t(0) * class_w : class_w;
     plan.class_weight[j] = class_w;
-    if (is_drop) plan.drop_bits[j >> 6] |= uint64_t(1) << (j & 63);
+    const uint64_t bit = uint64_t(1) << (j & 63);
+    if (is_drop) plan.drop_bits[j >> 6] |= bit;
+    // A weight of 0 (NaN weights count as nonzero) makes an element's loss and gradient 0.
+    if (!(plan.fg_weight[j] == math_t(0))) plan.fg_nonzero_bits[j >> 6] |= bit;
+    if (!(class_w == math_t(0))) plan.nonzero_bits[j >> 6] |= bit;
   }
   if (p.mode == Mode::kDropLoss && any_drop_class && counts.foreground > 0) {
     plan.ratio = static_cast<float>(counts.foreground_drop) / static_cast<float>(counts.foreground);
@@ -120,38 +122,41 @@ Plan<math_t> make_plan(const GolInputs& in) {
 
 // Background row of DropLoss: sets bit j of `dropped` when element (row, j) is dropped, i.e.
 // T_j = 1 and u > ratio. Element (i, j) uses word (e & 3) of Philox call e >> 2, e = i*C + j;
-// a row rarely starts on a group boundary, so groups are drawn eight at a time (32 elements)
+// a row rarely starts on a group boundary, so groups are drawn sixteen at a time (64 elements)
 // and their bits shifted into the row's place.
 template <typename math_t>
 void background_row_dropped(const Plan<math_t>& plan, int64_t row, uint64_t* dropped) {
-  constexpr int64_t kGroups = 8;
+  constexpr int64_t kGroups = 16;
   const int64_t c = plan.p.num_classes;
   const int64_t first = row * c;
   const int64_t last = first + c;  // exclusive
   const int64_t words = drop_words(c);
   std::fill(dropped, dropped + words, uint64_t(0));
-  const PhiloxKey& key = plan.p.philox;
-  for (int64_t g0 = first >> 2; g0 * 4 < last; g0 += kGroups) {
-    int above[4] = {0, 0, 0, 0};  // bit k of above[w]: element 4 (g0 + k) + w has u > ratio
 #if defined(CPU_CAPABILITY_AVX2)
-    drop_bits_groups8(g0, key, plan.ratio, above);
+  const PhiloxDropConstants constants(plan.p.philox, plan.ratio);
+#endif
+  for (int64_t g0 = first >> 2; g0 * 4 < last; g0 += kGroups) {
+    // Bit 4k + w: element 4 (g0 + k) + w has u > ratio.
+#if defined(CPU_CAPABILITY_AVX2)
+    uint64_t bits = drop_bits_groups16(g0, constants);
 #else
+    uint64_t bits = 0;
     for (int64_t k = 0; k < kGroups; ++k) {
-      const Philox4 r = philox_group(g0 + k, key);
-      for (int w = 0; w < 4; ++w) above[w] |= (uniform_from_bits(r.w[w]) > plan.ratio) << k;
+      const Philox4 r = philox_group(g0 + k, plan.p.philox);
+      for (int w = 0; w < 4; ++w) {
+        bits |= uint64_t(uniform_from_bits(r.w[w]) > plan.ratio) << (4 * k + w);
+      }
     }
 #endif
-    // Element order: element 4k + w is bit 4k + w.
-    uint64_t bits = 0;
-    for (int w = 0; w < 4; ++w) bits |= uint64_t(spread_nibbles(above[w])) << w;
     int64_t position = g0 * 4 - first;  // column of bit 0, >= -3
     if (position < 0) {
       bits >>= -position;
       position = 0;
     }
+    // Bits past the row land in the spare word (drop_words) and are cleared below.
     const int64_t shift = position & 63;
     dropped[position >> 6] |= bits << shift;
-    if (shift > 32) dropped[(position >> 6) + 1] |= bits >> (64 - shift);
+    if (shift != 0) dropped[(position >> 6) + 1] |= bits >> (64 - shift);
   }
   // Only drop classes drop; this also clears the bits past column C - 1.
   for (int64_t w = 0; w < words; ++w) dropped[w] &= plan.drop_bits[w];
@@ -165,39 +170,58 @@ inline uint32_t mask_byte(const uint64_t* mask, int64_t j) {
   return static_cast<uint32_t>(bits & 0xFF);
 }
 
-// Negative columns [begin, end) of one float row: writes w*grad*grad_scale and (reduction
-// "none") w*loss*loss_scale; returns sum_j w_j loss_j. Lanes are summed in a fixed order.
-template <bool kGumbel, bool kLean>
-double negatives_float(const GolParams& p, const float* q, const float* w,
-                       const uint64_t* dropped, float* grad, float* loss_out, int64_t begin,
-                       int64_t end, float grad_scale, float loss_scale) {
-  using Math = ElementMath<VecOpsT<kLean>>;
+// The element math a call runs on its negatives, chosen once per call (see choose_path).
+enum class Path { kGumbelBounded, kGumbelLean, kGumbelGeneral, kSigmoid };
+
+Path choose_path(const GolParams& p) {
+  if (p.activation == Activation::kSigmoid) return Path::kSigmoid;
+  if (clamp_is_bounded(p.clamp_min, p.clamp_max)) return Path::kGumbelBounded;
+  // The lean exp/log need t = exp(-q) to stay a normal float (q below ~80).
+  return p.clamp_max <= 80.0f ? Path::kGumbelLean : Path::kGumbelGeneral;
+}
+
+// Unweighted loss and gradient of eight negatives. The bounded path leaves out the poison
+// term, which the row adds for every lane (csrc/gol_math.h).
+template <Path kPath>
+inline void negatives8(const GolParams& p, const Vec& q, Vec* loss, Vec* grad) {
+  const Vec lo(p.clamp_min), hi(p.clamp_max);
+  if constexpr (kPath == Path::kGumbelBounded) {
+    ElementMath<VecOpsT<true>>::gumbel_negative_bounded_core(q, lo, hi, p.grad_mode, loss, grad);
+  } else if constexpr (kPath == Path::kGumbelLean) {
+    ElementMath<VecOpsT<true>>::gumbel_negative_series(q, lo, hi, p.grad_mode, loss, grad);
+  } else if constexpr (kPath == Path::kGumbelGeneral) {
+    ElementMath<VecOpsT<false>>::gumbel_negative_series(q, lo, hi, p.grad_mode, loss, grad);
+  } else {
+    ElementMath<VecOpsT<true>>::sigmoid(q, /*positive=*/false, loss, grad);
+  }
+}
+
+// The packed kept negatives of one row: q and w hold `count` elements followed by zeros up to
+// the next multiple of 8 (zero weight, finite q). Writes w*grad*grad_scale and (reduction
+// "none") w*loss*loss_scale to the packed outputs; returns sum w*loss, lanes summed in a fixed
+// order.
+template <Path kPath>
+double packed_negatives(const GolParams& p, const float* q, const float* w, int64_t count,
+                        float* grad, float* loss_out, float grad_scale, float loss_scale) {
   constexpr int64_t kWidth = Vec::size();
-  const Vec lo(p.clamp_min), hi(p.clamp_max), gscale(grad_scale), lscale(loss_scale);
+  const Vec gscale(grad_scale), lscale(loss_scale);
   Vec acc[2] = {Vec(0.0f), Vec(0.0f)};
-  auto element = [&](int64_t j, int64_t count, Vec& sum) {
-    // Padding lanes of a partial load read as q = 0, w = 0: finite, and weighted to zero.
-    const Vec qv = count == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, count);
-    Vec wv = count == kWidth ? Vec::loadu(w + j) : Vec::loadu(w + j, count);
-    if (dropped != nullptr) wv = VecOpsT<kLean>::zero_lanes(wv, mask_byte(dropped, j));
+  auto element = [&](int64_t j, Vec& sum) {
+    const Vec wv = Vec::loadu(w + j);
     Vec lv, gv;
-    if constexpr (kGumbel) {
-      Math::gumbel_negative_series(qv, lo, hi, p.grad_mode, &lv, &gv);
-    } else {
-      Math::sigmoid(qv, /*positive=*/false, &lv, &gv);
-    }
+    negatives8<kPath>(p, Vec::loadu(q + j), &lv, &gv);
     const Vec weighted = wv * lv;
     sum = sum + weighted;
-    if (grad != nullptr) (wv * gv * gscale).store(grad + j, count);
-    if (loss_out != nullptr) (weighted * lscale).store(loss_out + j, count);
+    if (grad != nullptr) (wv * gscale * gv).store(grad + j);
+    if (loss_out != nullptr) (weighted * lscale).store(loss_out + j);
   };
-  int64_t j = begin;
+  int64_t j = 0;
   // Two vectors per step: their long exp/div chains are independent, so they overlap.
-  for (; j + 2 * kWidth <= end; j += 2 * kWidth) {
-    element(j, kWidth, acc[0]);
-    element(j + kWidth, kWidth, acc[1]);
+  for (; j + 2 * kWidth <= count; j += 2 * kWidth) {
+    element(j, acc[0]);
+    element(j + kWidth, acc[1]);
   }
-  for (; j < end; j += kWidth) element(j, std::min<int64_t>(kWidth, end - j), acc[0]);
+  for (; j < count; j += kWidth) element(j, acc[0]);
   float lanes[2][kWidth];
   acc[0].store(lanes[0]);
   acc[1].store(lanes[1]);
@@ -242,18 +266,71 @@ math_t positive_element(const GolParams& p, math_t q, math_t* grad) {
   return l;
 }
 
-// Per-thread scratch: float copies of a half row, and the background row's dropped bits.
+// Per-thread scratch: float copies of a half row, the row's dropped and kept bits, and the
+// packed kept negatives with their results (8 spare floats each for whole-vector writes).
 template <typename math_t>
 struct Scratch {
   std::vector<math_t> q, grad, loss;
-  std::vector<uint64_t> dropped;
-  explicit Scratch(int64_t c) : q(c), grad(c), loss(c), dropped(drop_words(c)) {}
+  std::vector<uint64_t> dropped, kept;
+  std::vector<float> packed_q, packed_w, packed_grad, packed_loss;
+  explicit Scratch(int64_t c)
+      : q(c), grad(c), loss(c), dropped(drop_words(c)), kept(drop_words(c)),
+        packed_q(c + 16), packed_w(c + 16), packed_grad(c + 16), packed_loss(c + 16) {}
 };
 
+// The negatives of one float row: the kept ones (nonzero weight, not dropped) are packed,
+// computed and expanded back; every other lane gets 0. All lanes, kept or not, carry the
+// poison term of their logit, so a NaN/Inf logit surfaces in the gradient and in the loss
+// even where its weight is 0 (SPEC.md section 6). Returns the weighted loss sum.
+template <Path kPath>
+double float_negatives(const Plan<float>& plan, const float* q, const float* weights,
+                       const uint64_t* kept, float* g, float* l, float grad_scale,
+                       float loss_scale, Scratch<float>& scratch) {
+  constexpr int64_t kWidth = Vec::size();
+  const int64_t c = plan.p.num_classes;
+  float* packed_q = scratch.packed_q.data();
+  float* packed_w = scratch.packed_w.data();
+  Vec poison(0.0f);
+  int64_t count = 0;
+  for (int64_t j = 0; j < c; j += kWidth) {
+    const int64_t width = std::min<int64_t>(kWidth, c - j);
+    // Lanes past the row read as q = 0, w = 0 and are never kept (no kept bits past C).
+    const Vec qv = width == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, width);
+    const Vec wv = width == kWidth ? Vec::loadu(weights + j) : Vec::loadu(weights + j, width);
+    poison = poison + (qv - qv);
+    const uint32_t mask = mask_byte(kept, j);
+    pack_lanes(wv, mask, packed_w + count);
+    count += pack_lanes(qv, mask, packed_q + count);
+  }
+  Vec(0.0f).store(packed_q + count);
+  Vec(0.0f).store(packed_w + count);
+  float* packed_grad = g != nullptr ? scratch.packed_grad.data() : nullptr;
+  float* packed_loss = l != nullptr ? scratch.packed_loss.data() : nullptr;
+  double sum = packed_negatives<kPath>(plan.p, packed_q, packed_w, count, packed_grad,
+                                       packed_loss, grad_scale, loss_scale);
+  if (g != nullptr || l != nullptr) {
+    int64_t position = 0;
+    for (int64_t j = 0; j < c; j += kWidth) {
+      const int64_t width = std::min<int64_t>(kWidth, c - j);
+      const Vec qv = width == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, width);
+      const Vec lane_poison = qv - qv;
+      const uint32_t mask = mask_byte(kept, j);
+      if (g != nullptr) (expand_lanes(packed_grad + position, mask) + lane_poison).store(g + j, width);
+      if (l != nullptr) (expand_lanes(packed_loss + position, mask) + lane_poison).store(l + j, width);
+      position += popcount8(mask);
+    }
+  }
+  float lanes[kWidth];
+  poison.store(lanes);
+  for (int k = 0; k < kWidth; ++k) sum += lanes[k];
+  return sum;
+}
+
 // One row: loss sum (times its row weight) returned; grad / loss rows written.
-template <typename scalar_t, typename math_t, bool kGumbel>
+template <typename scalar_t, typename math_t, Path kPath>
 double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_t* grad_row,
                    scalar_t* loss_row, int64_t row, Scratch<math_t>& scratch) {
+  constexpr bool kGumbel = kPath != Path::kSigmoid;
   const GolParams& p = plan.p;
   const int64_t c = p.num_classes;
   const int64_t label = plan.labels[row];
@@ -290,33 +367,31 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     if (loss_row != nullptr) l = scratch.loss.data();
   }
 
-  auto negatives = [&](int64_t begin, int64_t end) -> double {
-    if (begin >= end) return 0.0;
-    if constexpr (std::is_same_v<math_t, double>) {
-      return negatives_double<kGumbel>(p, q, weights, dropped, g, l, begin, end, grad_scale, loss_scale);
-    } else {
-      // Sigmoid never needs the special cases; Gumbel does when the clamp lets t = exp(-q)
-      // leave the normal range (q above ~87).
-      if (!kGumbel || p.clamp_max <= 80.0f) {
-        return negatives_float<kGumbel, true>(p, q, weights, dropped, g, l, begin, end,
-                                              grad_scale, loss_scale);
-      }
-      return negatives_float<kGumbel, false>(p, q, weights, dropped, g, l, begin, end,
-                                             grad_scale, loss_scale);
-    }
-  };
-
   double sum;
+  if constexpr (std::is_same_v<math_t, double>) {
+    sum = negatives_double<kGumbel>(p, q, weights, dropped, g, l, 0, foreground ? label : c,
+                                    grad_scale, loss_scale);
+    if (foreground) {
+      sum += negatives_double<kGumbel>(p, q, weights, dropped, g, l, label + 1, c, grad_scale,
+                                       loss_scale);
+    }
+  } else {
+    // Kept negatives: nonzero weight, minus the positive column or the dropped elements.
+    const int64_t words = drop_words(c);
+    uint64_t* kept = scratch.kept.data();
+    const uint64_t* nonzero = foreground ? plan.fg_nonzero_bits.data() : plan.nonzero_bits.data();
+    for (int64_t w = 0; w < words; ++w) kept[w] = dropped ? nonzero[w] & ~dropped[w] : nonzero[w];
+    if (foreground) kept[label >> 6] &= ~(uint64_t(1) << (label & 63));
+    sum = float_negatives<kPath>(plan, q, weights, kept, g, l, grad_scale, loss_scale, scratch);
+  }
   if (foreground) {
-    sum = negatives(0, label) + negatives(label + 1, c);
+    // Written after the negatives, which gave its lane 0.
     math_t d;
     const math_t lpos = positive_element<math_t, kGumbel>(p, q[label], &d);
     const math_t wpos = plan.class_weight[label];
     sum += static_cast<double>(wpos * lpos);
     if (g != nullptr) g[label] = wpos * d * grad_scale;
     if (l != nullptr) l[label] = wpos * lpos * loss_scale;
-  } else {
-    sum = negatives(0, c);
   }
 
   if constexpr (!kDirect) {
@@ -326,7 +401,7 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   return sum * static_cast<double>(row_w);
 }
 
-template <typename scalar_t, bool kGumbel>
+template <typename scalar_t, Path kPath>
 void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad) {
   using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const Plan<math_t> plan = make_plan<math_t>(in);
@@ -346,7 +421,7 @@ void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad) {
       const int64_t row_end = std::min(n, (block + 1) * kRowsPerPartial);
       for (int64_t row = block * kRowsPerPartial; row < row_end; ++row) {
         const int64_t offset = row * c;
-        block_sum += process_row<scalar_t, math_t, kGumbel>(
+        block_sum += process_row<scalar_t, math_t, kPath>(
             plan, logits + offset, grad_ptr ? grad_ptr + offset : nullptr,
             loss_ptr ? loss_ptr + offset : nullptr, row, scratch);
       }
@@ -383,10 +458,11 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cpu(
     return {loss, grad};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_cpu", [&] {
-    if (in.params.activation == Activation::kGumbel) {
-      run_gol_loss<scalar_t, true>(in, loss, grad);
-    } else {
-      run_gol_loss<scalar_t, false>(in, loss, grad);
+    switch (choose_path(in.params)) {
+      case Path::kGumbelBounded: run_gol_loss<scalar_t, Path::kGumbelBounded>(in, loss, grad); break;
+      case Path::kGumbelLean: run_gol_loss<scalar_t, Path::kGumbelLean>(in, loss, grad); break;
+      case Path::kGumbelGeneral: run_gol_loss<scalar_t, Path::kGumbelGeneral>(in, loss, grad); break;
+      case Path::kSigmoid: run_gol_loss<scalar_t, Path::kSigmoid>(in, loss, grad); break;
     }
   });
   return {loss, grad};

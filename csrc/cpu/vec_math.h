@@ -59,6 +59,31 @@ inline VecF fast_exp_lean(const VecF& value) {
                                 _mm256_set1_ps(kExpHigh)));
 }
 
+// exp for x in [-87, 88] only (no range checks; NaN gives an unspecified value): the bounded
+// Gumbel path, whose arguments are -qc in [-27, 4] and -t in [-54.6, 0]. n = round(x / ln 2)
+// comes from one fma with a magic constant whose low mantissa bits then hold n + 127, already
+// the exponent field of 2^n; a degree-4 fit of (e^r - 1 - r) / r^2 on [-ln 2 / 2, ln 2 / 2]
+// (least squares on Chebyshev nodes) keeps the result within 1.1e-7 relative.
+inline VecF fast_exp_bounded(const VecF& value) {
+  const __m256 x = value;
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
+  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(k, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.39336463e-3f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.36317521e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.16664667e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.66665763e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
+  return _mm256_mul_ps(y, two_n);
+}
+
+inline VecF min_drop_nan(const VecF& a, const VecF& b) { return _mm256_min_ps(a, b); }
+inline VecF max_drop_nan(const VecF& a, const VecF& b) { return _mm256_max_ps(a, b); }
+
 inline VecF fast_exp(const VecF& value) {
   const __m256 x_in = value;
   const __m256 hi_limit = _mm256_set1_ps(kExpHigh);
@@ -122,6 +147,10 @@ inline VecF fast_log(const VecF& value) {
 #else
 
 inline VecF fast_exp(const VecF& x) { return x.exp(); }
+inline VecF fast_exp_bounded(const VecF& x) { return x.exp(); }
+// at::vec's minimum/maximum propagate NaN; the callers add their own poison term either way.
+inline VecF min_drop_nan(const VecF& a, const VecF& b) { return at::vec::minimum(a, b); }
+inline VecF max_drop_nan(const VecF& a, const VecF& b) { return at::vec::maximum(a, b); }
 inline VecF fast_exp_lean(const VecF& x) { return x.exp(); }
 inline VecF fast_log(const VecF& x) { return x.log(); }
 inline VecF fast_log_lean(const VecF& x) { return x.log(); }

@@ -17,9 +17,14 @@ template <bool kLean>
 struct VecOpsT {
   using V = at::vec::Vectorized<float>;
   using M = V;  // comparison results are all-ones / all-zeros lanes
-  static constexpr bool kSeriesNegatives = true;
   static V splat(float x) { return V(x); }
   static V exp(const V& x) { return kLean ? fast_exp_lean(x) : fast_exp(x); }
+  static V exp_bounded(const V& x) { return fast_exp_bounded(x); }
+  static V recip(const V& x) { return V(1.0f) / x; }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  // NaN-dropping min/max (maxps/minps return the second operand on NaN); see ScalarOps.
+  static V min(const V& a, const V& b) { return min_drop_nan(a, b); }
+  static V max(const V& a, const V& b) { return max_drop_nan(a, b); }
   static V log(const V& x) { return kLean ? fast_log_lean(x) : fast_log(x); }
   // log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): exact rounding of u cancels.
   static V log1p(const V& x) {

@@ -111,7 +111,13 @@ __device__ __forceinline__ void element_loss_grad(const GolParams& p, math_t q, 
   const math_t lo = p.clamp_min, hi = p.clamp_max;
   if (!positive) {
     if constexpr (std::is_same_v<math_t, float>) {
-      Math::gumbel_negative_series(q, lo, hi, p.grad_mode, loss, grad);
+      // The same choice as the CPU kernel's (csrc/cpu/gol_loss_kernel.cpp, choose_path): uniform
+      // over the launch, so no divergence.
+      if (clamp_is_bounded(p.clamp_min, p.clamp_max)) {
+        Math::gumbel_negative_bounded(q, lo, hi, p.grad_mode, loss, grad);
+      } else {
+        Math::gumbel_negative_series(q, lo, hi, p.grad_mode, loss, grad);
+      }
     } else {
       Math::gumbel_negative(Math::gumbel(q, lo, hi), p.grad_mode, loss, grad);
     }
