@@ -23,6 +23,7 @@ struct GolInputs {
   at::Tensor drop_classes;  // (C,), bool, contiguous; undefined when absent
   at::Tensor class_weight;  // (C,), math dtype, contiguous; undefined when absent
   at::Tensor row_weight;    // (N,), math dtype, contiguous; undefined when absent
+  at::Tensor pos_weight;    // (C,), math dtype, contiguous; gol_loss_class_stats only
   GolParams params;
 };
 
@@ -130,6 +131,28 @@ inline GolInputs prepare_gol_inputs(
                        static_cast<uint32_t>(offset_bits), static_cast<uint32_t>(offset_bits >> 32)};
   p.need_grad = need_grad;
   return in;
+}
+
+// gol_loss_class_stats: gol_loss's inputs plus pos_weight, with a gradient and a scalar loss.
+inline GolInputs prepare_class_stats_inputs(
+    const at::Tensor& logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& drop_classes, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& row_weight,
+    const at::Tensor& seed, int64_t offset, c10::string_view mode, c10::string_view activation,
+    c10::string_view reduction, std::optional<double> clamp_min, std::optional<double> clamp_max,
+    c10::string_view grad_mode, int64_t ignore_index) {
+  GolInputs in = prepare_gol_inputs(logits, labels, drop_classes, class_weight, row_weight, seed,
+                                    offset, mode, activation, reduction, clamp_min, clamp_max,
+                                    grad_mode, ignore_index, /*need_grad=*/true);
+  TORCH_CHECK_VALUE(in.params.reduction != Reduction::kNone,
+                    "gol_loss_class_stats: reduction must be 'mean' or 'sum', got 'none'");
+  in.pos_weight = checked_vector(pos_weight, "pos_weight", in.params.num_classes, "C", logits);
+  return in;
+}
+
+// The per-class statistics of gol_loss_class_stats: float64 (C,), on the logits' device.
+inline at::Tensor allocate_class_stat(const GolInputs& in) {
+  return at::zeros({in.params.num_classes}, in.logits.options().dtype(at::kDouble));
 }
 
 // Output allocation shared by the devices: the scalar loss is float32 (float64 for float64

@@ -73,6 +73,30 @@ if has_ops():
     torch.library.register_autograd("gumbel::gol_loss", _gol_loss_backward,
                                     setup_context=_gol_loss_setup_context)
 
+    @torch.library.register_fake("gumbel::gol_loss_class_stats")
+    def _gol_loss_class_stats_fake(logits, labels, drop_classes, class_weight, pos_weight,
+                                   row_weight, seed, offset=0, mode="droploss",
+                                   activation="gumbel", reduction="mean", clamp_min=-4.0,
+                                   clamp_max=10.0, grad_mode="reference", ignore_index=-100):
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+        torch._check(reduction != "none", lambda: "reduction must be 'mean' or 'sum'")
+        loss = logits.new_empty((), dtype=scalar_loss_dtype(logits))
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        stats = [logits.new_empty((logits.shape[1],), dtype=torch.float64) for _ in range(2)]
+        return loss, grad, *stats
+
+    def _gol_loss_class_stats_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _gol_loss_class_stats_backward(ctx, grad_loss, *_unused):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(grad.dtype), *([None] * 14)
+
+    torch.library.register_autograd("gumbel::gol_loss_class_stats",
+                                    _gol_loss_class_stats_backward,
+                                    setup_context=_gol_loss_class_stats_setup_context)
+
     @torch.library.register_fake("gumbel::gumbel_activation")
     def _gumbel_activation_fake(logits):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)

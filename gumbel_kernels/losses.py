@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _ops
+from . import reference as _reference
 from .functional import DEFAULT_CLAMP, DEFAULT_LAMBDA, drop_classes_from_frequency, gol_loss
 
 
@@ -287,48 +289,37 @@ class FederatedLoss(nn.Module):
                 f"num_sampled={self.num_sampled}, freq_weight_power={self.freq_weight_power}")
 
 
-class _EQLv2Function(torch.autograd.Function):
-    """Forward: weighted element losses and the weighted gradient buffer in one pass.
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # mode "bce" draws no uniforms
 
-    Returns (loss, grad_buffer). grad_buffer[i, j] = w_ij * d loss_ij / d q_ij (zero on ignored
-    rows) is the gradient of the *summed* loss; the backward scales it by the upstream gradient
-    over the reduction's denominator. It is returned (non-differentiable) so that EQLv2Loss can
-    take its statistics from the very gradient the backward uses.
+
+class _EQLv2Function(torch.autograd.Function):
+    """Forward: gumbel::gol_loss_class_stats, i.e. one fused pass over the logits that gives the
+    loss, its gradient and the per-class sums of |gradient| over the positive and the negative
+    elements (the CPU/CUDA kernel; elsewhere the reference implementation of the same op). Negatives
+    of column j weigh neg_weight[j], the positive of a row with label j pos_weight[j].
+
+    Returns (loss, pos_sums, neg_sums); the sums are non-differentiable and refer to the
+    *summed* loss, as EQLv2 collects them. The backward scales the saved gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, pos_weight, neg_weight, activation, clamp_min, clamp_max,
                 grad_mode, reduction, ignore_index):
-        num_classes = logits.shape[1]
-        math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        q = logits.detach().to(math_dtype)
-        y = _reference.one_hot_targets(labels, num_classes, ignore_index, math_dtype)
-        loss, grad = _reference.element_loss_and_grad(q, y, activation, clamp_min, clamp_max,
-                                                      grad_mode)
-        pos_w = pos_weight.to(math_dtype)[None, :]
-        neg_w = neg_weight.to(math_dtype)[None, :]
-        valid = (labels != ignore_index)[:, None]
-        w = torch.where(valid, y * pos_w + (1.0 - y) * neg_w, torch.zeros((), dtype=math_dtype,
-                                                                        device=q.device))
-        grad_buffer = w * grad
-        total = (w * loss).sum()
-        if reduction == "mean":
-            denominator = max(1, int(valid.sum()))
-            total = total / denominator
+        args = (logits.detach(), labels, None, neg_weight, pos_weight, None, _NO_SEED, 0, "bce",
+                activation, reduction, clamp_min, clamp_max, grad_mode, ignore_index)
+        device_key = "CUDA" if logits.is_cuda else "CPU"
+        if _ops.has_kernel("gol_loss_class_stats", device_key):
+            loss, grad, pos_sums, neg_sums = torch.ops.gumbel.gol_loss_class_stats(*args)
         else:
-            denominator = 1
-        ctx.denominator = denominator
-        ctx.logits_dtype = logits.dtype
-        ctx.save_for_backward(grad_buffer)
-        ctx.mark_non_differentiable(grad_buffer)
-        return total, grad_buffer
+            loss, grad, pos_sums, neg_sums = _reference.gol_loss_class_stats_forward(*args)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(pos_sums, neg_sums)
+        return loss, pos_sums, neg_sums
 
     @staticmethod
-    def backward(ctx, grad_loss, _unused):
-        (grad_buffer,) = ctx.saved_tensors
-        scale = grad_loss.to(grad_buffer.dtype) / ctx.denominator
-        grad = (grad_buffer * scale).to(ctx.logits_dtype)
-        return (grad,) + (None,) * 9
+    def backward(ctx, grad_loss, _unused_pos, _unused_neg):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(grad.dtype), *((None,) * 9)
 
 
 class EQLv2Loss(nn.Module):
@@ -348,17 +339,15 @@ class EQLv2Loss(nn.Module):
     the element loss and gradient of gumbel_kernels.reference.element_loss_and_grad
     (sigmoid BCE, or the Gumbel BCE clamped to (-4, 10)).
 
-    The statistics are a reduction of the *gradient buffer* the loss computes, not of the logits:
-    the forward builds G_ij = w_ij * d loss_ij / d q_ij once (the backward returns G scaled by
-    upstream / #rows), and the update is
-        pos_j = sum over rows i with label j of |G_ij|   (a gather of the N positive elements,
-                                                          summed per class by a segment reduction)
-        neg_j = sum_i |G_ij| - pos_j                     (column abs-sum minus the positives)
-    i.e. the weighted gradient of the *summed* loss, as EQLv2 collects it. Every reduction is a
-    deterministic torch reduction (no atomics, no index_add). Under torch.distributed the pair
-    is all-reduced (summed over ranks) before it is added to the buffers. Statistics are only
-    collected in training mode, and a column whose statistic is not finite (NaN/Inf logits) is
-    left out of that update so one bad batch cannot poison the buffers.
+    The statistics come out of the loss's own pass over the logits (gumbel::gol_loss_class_stats,
+    whose CPU and CUDA kernels sum them over fixed row blocks in a fixed order, so they are
+    deterministic): with G_ij = w_ij d loss_ij / d q_ij
+    the gradient of the *summed* loss, as EQLv2 collects it,
+        pos_j = sum over rows i with label j of |G_ij|,   neg_j = sum over the other rows |G_ij|.
+    Under torch.distributed the pair is all-reduced (summed over ranks) before it is added to
+    the buffers. Statistics are only collected in training mode, and a column whose statistic
+    is not finite (NaN/Inf logits) is left out of that update so one bad batch cannot poison
+    the buffers. Without the compiled kernels the op runs as its reference implementation.
 
     Args:
         num_classes: C, the head width.
@@ -412,24 +401,6 @@ class EQLv2Loss(nn.Module):
         pos_w = 1.0 + self.alpha * (1.0 - neg_w)
         return pos_w, neg_w
 
-    @torch.no_grad()
-    def gradient_statistics(self, grad_buffer: torch.Tensor,
-                            labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(pos, neg) per-class sums of |grad_buffer| over positive / negative elements."""
-        num_classes = self.num_classes
-        magnitude = grad_buffer.abs().to(torch.float64)
-        column_sum = magnitude.sum(dim=0)
-        foreground = (labels != self.ignore_index) & (labels >= 0) & (labels < num_classes)
-        fg_labels = labels[foreground].to(torch.int64)
-        positives = magnitude[foreground].gather(1, fg_labels[:, None]).squeeze(1)
-        # Per-class sums of the N gathered positives: a stable sort by class, then one segment
-        # reduction per class (deterministic; a scatter/index_add would use atomics on CUDA).
-        order = torch.argsort(fg_labels, stable=True)
-        lengths = torch.bincount(fg_labels, minlength=num_classes)
-        pos = torch.segment_reduce(positives[order], "sum", lengths=lengths, unsafe=True)
-        neg = (column_sum - pos).clamp(min=0.0)
-        return pos, neg
-
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"EQLv2Loss: logits must have shape (N, {self.num_classes}), got "
@@ -440,16 +411,16 @@ class EQLv2Loss(nn.Module):
         labels = labels.to(torch.int64)
         _reference.check_labels(labels, self.num_classes, self.ignore_index)
         pos_w, neg_w = self.class_weights()
-        loss, grad_buffer = _EQLv2Function.apply(
+        loss, pos_sums, neg_sums = _EQLv2Function.apply(
             logits, labels, pos_w.to(logits.device), neg_w.to(logits.device), self.activation,
             self.clamp_min, self.clamp_max, self.grad_mode, self.reduction, self.ignore_index)
         if self.training:
-            self._accumulate(grad_buffer, labels)
+            self._accumulate(pos_sums, neg_sums)
         return loss
 
     @torch.no_grad()
-    def _accumulate(self, grad_buffer: torch.Tensor, labels: torch.Tensor) -> None:
-        stats = torch.stack(self.gradient_statistics(grad_buffer, labels))
+    def _accumulate(self, pos_sums: torch.Tensor, neg_sums: torch.Tensor) -> None:
+        stats = torch.stack([pos_sums, neg_sums])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         finite = torch.isfinite(stats).all(dim=0, keepdim=True)
@@ -462,5 +433,3 @@ class EQLv2Loss(nn.Module):
         return (f"num_classes={self.num_classes}, activation={self.activation!r}, "
                 f"gamma={self.gamma}, mu={self.mu}, alpha={self.alpha}")
 
-
-from . import reference as _reference  # noqa: E402  (element formulas of the EQLv2 Function)

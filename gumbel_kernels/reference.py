@@ -148,10 +148,12 @@ def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
 
 def element_weights(labels: torch.Tensor, y: torch.Tensor, drop_classes: Optional[torch.Tensor],
                     class_weight: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
-                    mode: str, ignore_index: int, seed: int, offset: int
+                    mode: str, ignore_index: int, seed: int, offset: int,
+                    pos_weight: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(w, valid): the (N, C) weights of SPEC.md section 3 and the non-ignored row mask, given
-    the targets y of one_hot_targets (whose shape and dtype the weights take)."""
+    the targets y of one_hot_targets (whose shape and dtype the weights take). `pos_weight`
+    (gol_loss_class_stats) replaces class_weight on the positive elements."""
     n, num_classes = y.shape
     dtype, device = y.dtype, labels.device
     valid = labels != ignore_index
@@ -170,8 +172,11 @@ def element_weights(labels: torch.Tensor, y: torch.Tensor, drop_classes: Optiona
             w = torch.where(background[:, None] & dropped, torch.zeros_like(w), w)
     elif mode not in ("bce", "eql", "droploss"):
         raise ValueError(f"mode must be 'bce', 'eql' or 'droploss', got {mode!r}")
-    if class_weight is not None:
-        w = w * class_weight.to(dtype)[None, :]
+    if class_weight is not None or pos_weight is not None:
+        ones = torch.ones(num_classes, dtype=dtype, device=device)
+        negative_cw = ones if class_weight is None else class_weight.to(dtype)
+        positive_cw = negative_cw if pos_weight is None else pos_weight.to(dtype)
+        w = w * torch.where(y > 0, positive_cw[None, :], negative_cw[None, :])
     if row_weight is not None:
         w = w * row_weight.to(dtype)[:, None]
     return w, valid
@@ -187,6 +192,23 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int, ignore_index: int,
     return y
 
 
+def _weighted_terms(logits, labels, drop_classes, class_weight, row_weight, seed, offset, mode,
+                    activation, clamp_min, clamp_max, grad_mode, ignore_index, pos_weight=None):
+    """(w * loss, w * d loss / d q, y, valid) in the math dtype, zero on ignored rows: the
+    per-element terms of the summed loss."""
+    num_classes = logits.shape[1]
+    check_labels(labels, num_classes, ignore_index)
+    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    q = logits.to(math_dtype)
+    y = one_hot_targets(labels, num_classes, ignore_index, math_dtype)
+    loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
+    w, valid = element_weights(labels, y, drop_classes, class_weight, row_weight, mode,
+                               ignore_index, int(seed.reshape(-1)[0]), offset, pos_weight)
+    rows = valid[:, None]
+    zero = torch.zeros((), dtype=math_dtype, device=logits.device)
+    return torch.where(rows, w * loss, zero), torch.where(rows, w * grad, zero), y, valid
+
+
 def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
                      drop_classes: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
                      row_weight: Optional[torch.Tensor], seed: torch.Tensor, offset: int,
@@ -194,18 +216,9 @@ def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
                      clamp_min: Optional[float], clamp_max: Optional[float], grad_mode: str,
                      ignore_index: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused-forward contract of gumbel_kernels/INTERFACES.md: (loss, d loss / d logits)."""
-    n, num_classes = logits.shape
-    check_labels(labels, num_classes, ignore_index)
-    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    q = logits.to(math_dtype)
-    y = one_hot_targets(labels, num_classes, ignore_index, math_dtype)
-    loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
-    w, valid = element_weights(labels, y, drop_classes, class_weight, row_weight, mode,
-                               ignore_index, int(seed.reshape(-1)[0]), offset)
-    rows = valid[:, None]
-    zero = torch.zeros((), dtype=math_dtype, device=logits.device)
-    weighted_loss = torch.where(rows, w * loss, zero)
-    weighted_grad = torch.where(rows, w * grad, zero)
+    weighted_loss, weighted_grad, _, valid = _weighted_terms(
+        logits, labels, drop_classes, class_weight, row_weight, seed, offset, mode, activation,
+        clamp_min, clamp_max, grad_mode, ignore_index)
     if reduction == "mean":
         denominator = max(1, int(valid.sum()))
         out = weighted_loss.sum() / denominator
@@ -218,6 +231,27 @@ def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     grad_out = weighted_grad.to(logits.dtype) if need_grad else logits.new_empty(0)
     return out, grad_out
+
+
+def gol_loss_class_stats_forward(logits, labels, drop_classes, class_weight, pos_weight,
+                                 row_weight, seed, offset, mode, activation, reduction,
+                                 clamp_min, clamp_max, grad_mode, ignore_index):
+    """gumbel::gol_loss_class_stats: (loss, d loss / d logits, pos_sums, neg_sums), the sums
+    (float64 (C,)) of |d loss_sum / d q_ij| over the positive resp. negative elements."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"gol_loss_class_stats: reduction must be 'mean' or 'sum', got "
+                         f"{reduction!r}")
+    weighted_loss, weighted_grad, y, valid = _weighted_terms(
+        logits, labels, drop_classes, class_weight, row_weight, seed, offset, mode, activation,
+        clamp_min, clamp_max, grad_mode, ignore_index, pos_weight)
+    magnitude = weighted_grad.abs().to(torch.float64)
+    positive = y.to(torch.float64)
+    pos_sums = (magnitude * positive).sum(dim=0)
+    neg_sums = (magnitude * (1.0 - positive)).sum(dim=0)
+    denominator = max(1, int(valid.sum())) if reduction == "mean" else 1
+    out = weighted_loss.sum() / denominator
+    grad_out = (weighted_grad / denominator).to(logits.dtype)
+    return out, grad_out, pos_sums, neg_sums
 
 
 def gumbel_activation(logits: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -69,13 +70,15 @@ struct Plan {
   const math_t* row_weight = nullptr;
   std::vector<math_t> fg_weight;  // foreground rows, negative column j: (1 - T_j) * cw_j (eql/droploss)
   std::vector<math_t> class_weight;  // cw_j (1 without class_weight): background rows before
-                                    // dropping, and every positive column
+                                    // dropping
+  std::vector<math_t> positive_weight;  // the positive column j: pos_weight_j, else cw_j
   std::vector<uint64_t> drop_bits;  // bit j: class j is a drop class (T_j = 1)
   std::vector<uint64_t> fg_nonzero_bits;  // bit j: fg_weight[j] != 0
   std::vector<uint64_t> nonzero_bits;     // bit j: class_weight[j] != 0
   bool drop_background = false;   // DropLoss draws uniforms on background rows
   float ratio = 0.0f;
   math_t inv_denominator = 1;
+  double denominator = 1.0;  // reduction "mean": the non-ignored rows (at least 1)
 };
 
 template <typename math_t>
@@ -88,11 +91,13 @@ Plan<math_t> make_plan(const GolInputs& in) {
   plan.drop = in.drop_classes.defined() ? in.drop_classes.data_ptr<bool>() : nullptr;
   plan.row_weight = in.row_weight.defined() ? in.row_weight.data_ptr<math_t>() : nullptr;
   const math_t* cw = in.class_weight.defined() ? in.class_weight.data_ptr<math_t>() : nullptr;
+  const math_t* pw = in.pos_weight.defined() ? in.pos_weight.data_ptr<math_t>() : nullptr;
 
   const LabelCounts counts = count_labels(plan.labels, plan.drop, p);
   const bool drops_foreground = p.mode != Mode::kBce && plan.drop != nullptr;
   plan.fg_weight.resize(c);
   plan.class_weight.resize(c);
+  plan.positive_weight.resize(c);
   plan.drop_bits.assign(drop_words(c), 0);
   plan.fg_nonzero_bits.assign(drop_words(c), 0);
   plan.nonzero_bits.assign(drop_words(c), 0);
@@ -103,6 +108,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
     any_drop_class = any_drop_class || is_drop;
     plan.fg_weight[j] = (drops_foreground && is_drop) ? math_t(0) * class_w : class_w;
     plan.class_weight[j] = class_w;
+    plan.positive_weight[j] = pw ? pw[j] : class_w;
     const uint64_t bit = uint64_t(1) << (j & 63);
     if (is_drop) plan.drop_bits[j >> 6] |= bit;
     // A weight of 0 (NaN weights count as nonzero) makes an element's loss and gradient 0.
@@ -115,7 +121,8 @@ Plan<math_t> make_plan(const GolInputs& in) {
     plan.drop_background = plan.ratio < 1.0f;
   }
   if (p.reduction == Reduction::kMean) {
-    plan.inv_denominator = math_t(1) / static_cast<math_t>(counts.valid > 0 ? counts.valid : 1);
+    plan.denominator = static_cast<double>(counts.valid > 0 ? counts.valid : 1);
+    plan.inv_denominator = math_t(1) / static_cast<math_t>(plan.denominator);
   }
   return plan;
 }
@@ -327,9 +334,29 @@ double float_negatives(const Plan<float>& plan, const float* q, const float* wei
 }
 
 // One row: loss sum (times its row weight) returned; grad / loss rows written.
+// Per-class sums of |gradient| of one task's rows (gol_loss_class_stats), before the final
+// scaling: positive and negative elements apart.
+struct ClassStatsPartial {
+  double* positive = nullptr;
+  double* negative = nullptr;
+};
+
+// Adds |g_j| of one row to the negative sums, and the positive column's to the positive ones.
+template <typename math_t>
+void accumulate_class_stats(const math_t* g, int64_t c, int64_t positive_column,
+                            const ClassStatsPartial& stats) {
+  for (int64_t j = 0; j < c; ++j) {
+    if (j != positive_column) stats.negative[j] += std::abs(static_cast<double>(g[j]));
+  }
+  if (positive_column >= 0) {
+    stats.positive[positive_column] += std::abs(static_cast<double>(g[positive_column]));
+  }
+}
+
 template <typename scalar_t, typename math_t, Path kPath>
 double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_t* grad_row,
-                   scalar_t* loss_row, int64_t row, Scratch<math_t>& scratch) {
+                   scalar_t* loss_row, int64_t row, Scratch<math_t>& scratch,
+                   const ClassStatsPartial& stats) {
   constexpr bool kGumbel = kPath != Path::kSigmoid;
   const GolParams& p = plan.p;
   const int64_t c = p.num_classes;
@@ -388,11 +415,13 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     // Written after the negatives, which gave its lane 0.
     math_t d;
     const math_t lpos = positive_element<math_t, kGumbel>(p, q[label], &d);
-    const math_t wpos = plan.class_weight[label];
+    const math_t wpos = plan.positive_weight[label];
     sum += static_cast<double>(wpos * lpos);
     if (g != nullptr) g[label] = wpos * d * grad_scale;
     if (l != nullptr) l[label] = wpos * lpos * loss_scale;
   }
+
+  if (stats.negative != nullptr) accumulate_class_stats(g, c, foreground ? label : -1, stats);
 
   if constexpr (!kDirect) {
     if (grad_row != nullptr) at::vec::convert(g, grad_row, c);
@@ -401,8 +430,14 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   return sum * static_cast<double>(row_w);
 }
 
+// The class statistics' rows per task: fixed, so their partials (and the sums) do not depend
+// on the thread count.
+constexpr int64_t kPartialsPerStatsTask = 16;
+
+// pos_stats / neg_stats: gol_loss_class_stats's outputs (float64 (C,)), or undefined.
 template <typename scalar_t, Path kPath>
-void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad) {
+void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad,
+                  at::Tensor* pos_stats = nullptr, at::Tensor* neg_stats = nullptr) {
   using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const Plan<math_t> plan = make_plan<math_t>(in);
   const GolParams& p = plan.p;
@@ -414,18 +449,32 @@ void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad) {
 
   const int64_t num_partials = (n + kRowsPerPartial - 1) / kRowsPerPartial;
   std::vector<double> partials(num_partials, 0.0);
-  at::parallel_for(0, num_partials, 1, [&](int64_t first_block, int64_t end_block) {
+  // Without statistics a task is one row block; with them, kPartialsPerStatsTask blocks that
+  // share one pair of (C,) partial sums.
+  const bool with_stats = pos_stats != nullptr;
+  const int64_t blocks_per_task = with_stats ? kPartialsPerStatsTask : 1;
+  const int64_t num_tasks = (num_partials + blocks_per_task - 1) / blocks_per_task;
+  std::vector<double> stat_partials(with_stats ? num_tasks * 2 * c : 0, 0.0);
+  at::parallel_for(0, num_tasks, 1, [&](int64_t first_task, int64_t end_task) {
     Scratch<math_t> scratch(c);
-    for (int64_t block = first_block; block < end_block; ++block) {
-      double block_sum = 0.0;
-      const int64_t row_end = std::min(n, (block + 1) * kRowsPerPartial);
-      for (int64_t row = block * kRowsPerPartial; row < row_end; ++row) {
-        const int64_t offset = row * c;
-        block_sum += process_row<scalar_t, math_t, kPath>(
-            plan, logits + offset, grad_ptr ? grad_ptr + offset : nullptr,
-            loss_ptr ? loss_ptr + offset : nullptr, row, scratch);
+    for (int64_t task = first_task; task < end_task; ++task) {
+      ClassStatsPartial stats;
+      if (with_stats) {
+        stats.positive = stat_partials.data() + task * 2 * c;
+        stats.negative = stats.positive + c;
       }
-      partials[block] = block_sum;
+      const int64_t block_end = std::min(num_partials, (task + 1) * blocks_per_task);
+      for (int64_t block = task * blocks_per_task; block < block_end; ++block) {
+        double block_sum = 0.0;
+        const int64_t row_end = std::min(n, (block + 1) * kRowsPerPartial);
+        for (int64_t row = block * kRowsPerPartial; row < row_end; ++row) {
+          const int64_t offset = row * c;
+          block_sum += process_row<scalar_t, math_t, kPath>(
+              plan, logits + offset, grad_ptr ? grad_ptr + offset : nullptr,
+              loss_ptr ? loss_ptr + offset : nullptr, row, scratch, stats);
+        }
+        partials[block] = block_sum;
+      }
     }
   });
   if (p.reduction != Reduction::kNone) {
@@ -433,6 +482,34 @@ void run_gol_loss(const GolInputs& in, at::Tensor& loss, at::Tensor& grad) {
     for (const double part : partials) total += part;
     if (p.reduction == Reduction::kMean) total *= static_cast<double>(plan.inv_denominator);
     loss.fill_(total);
+  }
+  if (with_stats) {
+    // The gradient rows hold w d row_w / denominator: the statistics undo the denominator.
+    const double unscale = plan.denominator;
+    double* pos = pos_stats->data_ptr<double>();
+    double* neg = neg_stats->data_ptr<double>();
+    for (int64_t task = 0; task < num_tasks; ++task) {
+      const double* part = stat_partials.data() + task * 2 * c;
+      for (int64_t j = 0; j < c; ++j) {
+        pos[j] += part[j];
+        neg[j] += part[c + j];
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      pos[j] *= unscale;
+      neg[j] *= unscale;
+    }
+  }
+}
+
+// One of the four paths (choose_path) for this call's dtype.
+template <typename scalar_t, typename... Stats>
+void dispatch_path(const GolInputs& in, at::Tensor& loss, at::Tensor& grad, Stats... stats) {
+  switch (choose_path(in.params)) {
+    case Path::kGumbelBounded: run_gol_loss<scalar_t, Path::kGumbelBounded>(in, loss, grad, stats...); break;
+    case Path::kGumbelLean: run_gol_loss<scalar_t, Path::kGumbelLean>(in, loss, grad, stats...); break;
+    case Path::kGumbelGeneral: run_gol_loss<scalar_t, Path::kGumbelGeneral>(in, loss, grad, stats...); break;
+    case Path::kSigmoid: run_gol_loss<scalar_t, Path::kSigmoid>(in, loss, grad, stats...); break;
   }
 }
 
@@ -457,15 +534,33 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cpu(
     loss.zero_();
     return {loss, grad};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_cpu", [&] {
-    switch (choose_path(in.params)) {
-      case Path::kGumbelBounded: run_gol_loss<scalar_t, Path::kGumbelBounded>(in, loss, grad); break;
-      case Path::kGumbelLean: run_gol_loss<scalar_t, Path::kGumbelLean>(in, loss, grad); break;
-      case Path::kGumbelGeneral: run_gol_loss<scalar_t, Path::kGumbelGeneral>(in, loss, grad); break;
-      case Path::kSigmoid: run_gol_loss<scalar_t, Path::kSigmoid>(in, loss, grad); break;
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_cpu",
+                                  [&] { dispatch_path<scalar_t>(in, loss, grad); });
   return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gol_loss_class_stats_cpu(
+    const at::Tensor& logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& drop_classes, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& row_weight,
+    const at::Tensor& seed, int64_t offset, c10::string_view mode, c10::string_view activation,
+    c10::string_view reduction, std::optional<double> clamp_min, std::optional<double> clamp_max,
+    c10::string_view grad_mode, int64_t ignore_index) {
+  const GolInputs in = prepare_class_stats_inputs(
+      logits, labels, drop_classes, class_weight, pos_weight, row_weight, seed, offset, mode,
+      activation, reduction, clamp_min, clamp_max, grad_mode, ignore_index);
+  at::Tensor loss = allocate_loss(in);
+  at::Tensor grad = empty_huge_page_backed(in.logits.sizes(), in.logits.options());
+  at::Tensor pos_stats = allocate_class_stat(in);
+  at::Tensor neg_stats = allocate_class_stat(in);
+  if (in.params.num_rows == 0) {
+    loss.zero_();
+    return {loss, grad, pos_stats, neg_stats};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_class_stats_cpu",
+      [&] { dispatch_path<scalar_t>(in, loss, grad, &pos_stats, &neg_stats); });
+  return {loss, grad, pos_stats, neg_stats};
 }
 
 at::Tensor gumbel_activation_cpu(const at::Tensor& logits) {
@@ -505,6 +600,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
 
 TORCH_LIBRARY_IMPL(gumbel, CPU, m) {
   m.impl("gol_loss", &gk::cpu::gol_loss_cpu);
+  m.impl("gol_loss_class_stats", &gk::cpu::gol_loss_class_stats_cpu);
   m.impl("gumbel_activation", &gk::cpu::gumbel_activation_cpu);
   m.impl("scale_grad_", &gk::cpu::scale_grad_cpu);
 }

@@ -1,4 +1,5 @@
-// CUDA implementation of gumbel::gol_loss, gumbel::gumbel_activation and gumbel::scale_grad_.
+// CUDA implementation of gumbel::gol_loss, gumbel::gol_loss_class_stats,
+// gumbel::gumbel_activation and gumbel::scale_grad_.
 //
 // Three launches on the current stream, no host sync on the default path except the label
 // check (see check_labels_on_host):
@@ -126,6 +127,25 @@ __device__ __forceinline__ void element_loss_grad(const GolParams& p, math_t q, 
   }
 }
 
+// What a call's label statistics (from the pre-pass, no host round trip) fix for every element.
+template <typename math_t>
+struct CallConstants {
+  bool drops_foreground = false;  // eql/droploss: a foreground row drops drop-class negatives
+  bool drop_background = false;   // droploss: background rows draw uniforms
+  float ratio = 0.0f;
+  math_t inv_denominator = 1;
+  __device__ CallConstants(const LabelCounts& counts, const GolParams& p, bool has_drop) {
+    drops_foreground = p.mode != Mode::kBce && has_drop;
+    if (p.mode == Mode::kDropLoss && has_drop && counts.foreground > 0) {
+      ratio = static_cast<float>(counts.foreground_drop) / static_cast<float>(counts.foreground);
+      drop_background = ratio < 1.0f;  // u < 1: a ratio of 1 drops nothing
+    }
+    if (p.reduction == Reduction::kMean) {
+      inv_denominator = math_t(1) / static_cast<math_t>(counts.valid > 0 ? counts.valid : 1);
+    }
+  }
+};
+
 template <typename scalar_t>
 struct alignas(sizeof(scalar_t) * kChunk) Chunk {
   scalar_t v[kChunk];
@@ -143,19 +163,11 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
   const int64_t total = p.num_rows * c;
   const int64_t num_groups = (total + kChunk - 1) / kChunk;
 
-  // The call's statistics, from the pre-pass (no host round trip).
-  const LabelCounts stats = *counts;
-  const bool drops_foreground = p.mode != Mode::kBce && drop != nullptr;
-  bool drop_background = false;
-  float ratio = 0.0f;
-  if (p.mode == Mode::kDropLoss && drop != nullptr && stats.foreground > 0) {
-    ratio = static_cast<float>(stats.foreground_drop) / static_cast<float>(stats.foreground);
-    drop_background = ratio < 1.0f;  // u < 1: a ratio of 1 drops nothing
-  }
-  const math_t inv_denominator =
-      p.reduction == Reduction::kMean
-          ? math_t(1) / static_cast<math_t>(stats.valid > 0 ? stats.valid : 1)
-          : math_t(1);
+  const CallConstants<math_t> call(*counts, p, drop != nullptr);
+  const bool drops_foreground = call.drops_foreground;
+  const bool drop_background = call.drop_background;
+  const float ratio = call.ratio;
+  const math_t inv_denominator = call.inv_denominator;
   const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
 
   double sum = 0.0;
@@ -280,6 +292,34 @@ int64_t grid_size(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(sms) * 8));
 }
 
+// The labels pre-pass (count_labels_kernel) into a fresh 4 x int64 workspace (a LabelCounts).
+at::Tensor launch_count_labels(const GolInputs& in, cudaStream_t stream) {
+  at::Tensor workspace = at::empty({4}, in.labels.options());
+  const GolParams& p = in.params;
+  const bool* drop = in.drop_classes.defined() ? in.drop_classes.data_ptr<bool>() : nullptr;
+  count_labels_kernel<<<1, kThreads, 0, stream>>>(
+      in.labels.data_ptr<int64_t>(), drop, p.num_rows, p.num_classes, p.ignore_index,
+      reinterpret_cast<LabelCounts*>(workspace.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return workspace;
+}
+
+// Called after the launches so that the copy overlaps the fused pass; not while a CUDA graph
+// is being captured (a device-to-host copy is not allowed there: bad rows stay NaN).
+void raise_on_bad_label(const GolInputs& in, const at::Tensor& workspace, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone || !check_labels_on_host()) return;
+  const int64_t first_bad = workspace[3].item<int64_t>();
+  if (first_bad != kNoBadLabel) {
+    const GolParams& p = in.params;
+    const int64_t value = in.labels[first_bad].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "gol_loss: labels[", first_bad, "] = ", value,
+                      " is out of range: expected a class in [0, ", p.num_classes - 1, "], ",
+                      p.num_classes, " for background, or ignore_index=", p.ignore_index);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> gol_loss_cuda(
     const at::Tensor& logits, const at::Tensor& labels,
     const std::optional<at::Tensor>& drop_classes, const std::optional<at::Tensor>& class_weight,
@@ -299,13 +339,9 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cuda(
     loss.zero_();
     return {loss, grad};
   }
-  at::Tensor workspace = at::empty({4}, in.labels.options());
-  auto* counts = reinterpret_cast<LabelCounts*>(workspace.data_ptr<int64_t>());
+  const at::Tensor workspace = launch_count_labels(in, stream);
+  auto* counts = reinterpret_cast<const LabelCounts*>(workspace.data_ptr<int64_t>());
   const bool* drop = in.drop_classes.defined() ? in.drop_classes.data_ptr<bool>() : nullptr;
-  count_labels_kernel<<<1, kThreads, 0, stream>>>(in.labels.data_ptr<int64_t>(), drop,
-                                                  p.num_rows, p.num_classes, p.ignore_index,
-                                                  counts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t total = p.num_rows * p.num_classes;
   const int64_t blocks = grid_size((total + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({blocks}, in.logits.options().dtype(at::kDouble));
@@ -337,20 +373,139 @@ std::tuple<at::Tensor, at::Tensor> gol_loss_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  // Checked after the launches so that the copy overlaps the fused pass; not while a CUDA graph
-  // is being captured (a device-to-host copy is not allowed there: bad rows stay NaN).
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture == cudaStreamCaptureStatusNone && check_labels_on_host()) {
-    const int64_t first_bad = workspace[3].item<int64_t>();
-    if (first_bad != kNoBadLabel) {
-      const int64_t value = in.labels[first_bad].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "gol_loss: labels[", first_bad, "] = ", value,
-                        " is out of range: expected a class in [0, ", p.num_classes - 1, "], ",
-                        p.num_classes, " for background, or ignore_index=", p.ignore_index);
-    }
-  }
+  raise_on_bad_label(in, workspace, stream);
   return {loss, grad};
+}
+
+// gumbel::gol_loss_class_stats. Each block owns kStatsRows consecutive rows and each thread
+// whole columns of them (j = threadIdx.x + k * blockDim.x), walking down its rows: the warp's
+// loads stay coalesced, and a thread sums its columns' |gradient| alone, in row order, so the
+// per-block column partials need no atomics. A second kernel adds the partials of a column in
+// block order: the statistics and the loss are bit-reproducible. One Philox call per element
+// (word e & 3 of call e >> 2); EQLv2, the user, runs mode "bce" and draws none.
+constexpr int64_t kStatsRows = 64;
+
+template <typename scalar_t, typename math_t>
+__global__ void __launch_bounds__(kThreads) gol_loss_class_stats_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels,
+    const bool* __restrict__ drop, const math_t* __restrict__ class_weight,
+    const math_t* __restrict__ pos_weight, const math_t* __restrict__ row_weight,
+    const LabelCounts* __restrict__ counts, GolParams p, scalar_t* __restrict__ grad,
+    double* __restrict__ loss_partials, double* __restrict__ stat_partials) {
+  __shared__ double shared[kThreads];
+  const CallConstants<math_t> call(*counts, p, drop != nullptr);
+  const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
+  const int64_t c = p.num_classes;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kStatsRows;
+  const int64_t row_end = row_begin + kStatsRows < p.num_rows ? row_begin + kStatsRows : p.num_rows;
+  double* pos_partial = stat_partials + static_cast<int64_t>(blockIdx.x) * 2 * c;
+  double* neg_partial = pos_partial + c;
+  double sum = 0.0;
+  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+    const math_t cw = class_weight != nullptr ? class_weight[j] : math_t(1);
+    const math_t pw = pos_weight != nullptr ? pos_weight[j] : cw;
+    const bool drop_class = drop != nullptr && drop[j];
+    double pos_sum = 0.0, neg_sum = 0.0;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const int64_t e = row * c + j;
+      const int64_t label = labels[row];
+      math_t l = 0, g = 0;
+      if (label != p.ignore_index) {
+        if (label < 0 || label > c) {
+          l = nan;  // a bad label (reported on the host unless GUMBEL_CUDA_CHECK_LABELS=0)
+          g = nan;
+        } else {
+          const bool positive = label == j;
+          math_t w = positive ? pw : cw;
+          if (!positive && drop_class) {
+            if (label < c ? call.drops_foreground
+                          : call.drop_background &&
+                                uniform_from_bits(philox_group(e >> 2, p.philox).w[e & 3]) >
+                                    call.ratio) {
+              w = math_t(0);
+            }
+          }
+          const math_t rw = row_weight != nullptr ? row_weight[row] : math_t(1);
+          math_t el, eg;
+          element_loss_grad<math_t>(p, static_cast<math_t>(logits[e]), positive, &el, &eg);
+          l = w * el * rw;
+          g = w * eg * rw;  // of the summed loss
+          (positive ? pos_sum : neg_sum) += fabs(static_cast<double>(g));
+        }
+      }
+      sum += static_cast<double>(l);
+      grad[e] = static_cast<scalar_t>(g * call.inv_denominator);
+    }
+    pos_partial[j] = pos_sum;
+    neg_partial[j] = neg_sum;
+  }
+  const double block_total = block_sum<double>(sum, shared);
+  if (threadIdx.x == 0) loss_partials[blockIdx.x] = block_total;
+}
+
+// Column j of the statistics: its per-block partials added in block order.
+__global__ void sum_class_stats_kernel(const double* __restrict__ stat_partials,
+                                       int64_t num_blocks, int64_t c, double* __restrict__ pos,
+                                       double* __restrict__ neg) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= c) return;
+  double pos_sum = 0.0, neg_sum = 0.0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    pos_sum += stat_partials[b * 2 * c + j];
+    neg_sum += stat_partials[b * 2 * c + c + j];
+  }
+  pos[j] = pos_sum;
+  neg[j] = neg_sum;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gol_loss_class_stats_cuda(
+    const at::Tensor& logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& drop_classes, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& row_weight,
+    const at::Tensor& seed, int64_t offset, c10::string_view mode, c10::string_view activation,
+    c10::string_view reduction, std::optional<double> clamp_min, std::optional<double> clamp_max,
+    c10::string_view grad_mode, int64_t ignore_index) {
+  const GolInputs in = prepare_class_stats_inputs(
+      logits, labels, drop_classes, class_weight, pos_weight, row_weight, seed, offset, mode,
+      activation, reduction, clamp_min, clamp_max, grad_mode, ignore_index);
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor loss = allocate_loss(in);
+  at::Tensor grad = allocate_grad(in);
+  at::Tensor pos_stats = allocate_class_stat(in);
+  at::Tensor neg_stats = allocate_class_stat(in);
+  const GolParams& p = in.params;
+  if (p.num_rows == 0) {
+    loss.zero_();
+    return {loss, grad, pos_stats, neg_stats};
+  }
+  const at::Tensor workspace = launch_count_labels(in, stream);
+  auto* counts = reinterpret_cast<const LabelCounts*>(workspace.data_ptr<int64_t>());
+  const bool* drop = in.drop_classes.defined() ? in.drop_classes.data_ptr<bool>() : nullptr;
+  const int64_t blocks = (p.num_rows + kStatsRows - 1) / kStatsRows;
+  at::Tensor loss_partials = at::empty({blocks}, in.logits.options().dtype(at::kDouble));
+  at::Tensor stat_partials =
+      at::empty({blocks, 2, p.num_classes}, in.logits.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_class_stats_cuda", [&] {
+    using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto vector = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<math_t>() : nullptr; };
+    gol_loss_class_stats_kernel<scalar_t, math_t><<<blocks, kThreads, 0, stream>>>(
+        in.logits.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(), drop,
+        vector(in.class_weight), vector(in.pos_weight), vector(in.row_weight), counts, p,
+        grad.data_ptr<scalar_t>(), loss_partials.data_ptr<double>(),
+        stat_partials.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_partials_kernel<math_t><<<1, kThreads, 0, stream>>>(
+        loss_partials.data_ptr<double>(), blocks, counts, p.reduction == Reduction::kMean,
+        loss.data_ptr<math_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  sum_class_stats_kernel<<<(p.num_classes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      stat_partials.data_ptr<double>(), blocks, p.num_classes, pos_stats.data_ptr<double>(),
+      neg_stats.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  raise_on_bad_label(in, workspace, stream);
+  return {loss, grad, pos_stats, neg_stats};
 }
 
 template <typename scalar_t>
@@ -422,6 +577,7 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
 
 TORCH_LIBRARY_IMPL(gumbel, CUDA, m) {
   m.impl("gol_loss", &gk::cuda::gol_loss_cuda);
+  m.impl("gol_loss_class_stats", &gk::cuda::gol_loss_class_stats_cuda);
   m.impl("gumbel_activation", &gk::cuda::gumbel_activation_cuda);
   m.impl("scale_grad_", &gk::cuda::scale_grad_cuda);
 }
