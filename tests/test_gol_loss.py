@@ -127,6 +127,17 @@ def test_zero_weight_and_dropped_elements_still_surface_nan(device):
             assert bool((grad[:, column][finite[:, column]] == 0).all()), (column, backend)
 
 
+def test_nan_row_weight_surfaces_in_the_whole_row(device):
+    logits, labels, drop = make_batch(6, 40, device, background=0.5)
+    row_weight = torch.ones(6, device=device)
+    row_weight[4] = float("nan")
+    for backend in (compiled_backend(device), "reference"):
+        loss, grad = run(backend, logits, labels, drop, row_weight=row_weight, seed=2)
+        assert torch.isnan(loss), backend
+        assert not bool(torch.isfinite(grad[4]).any()), backend
+        assert bool(torch.isfinite(grad[[0, 1, 2, 3, 5]]).all()), backend
+
+
 def test_reused_output_buffers_are_fully_rewritten(device):
     # The CPU op hands a freed N x C output buffer out again (csrc/cpu/huge_pages.h): every
     # element of a reused buffer must be written, ignored rows and skipped elements included.

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -305,7 +306,7 @@ double float_negatives(const Plan<float>& plan, const float* q, const float* wei
     const Vec qv = width == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, width);
     const Vec wv = width == kWidth ? Vec::loadu(weights + j) : Vec::loadu(weights + j, width);
     poison = poison + (qv - qv);
-    const uint32_t mask = mask_byte(kept, j);
+    const uint32_t mask = mask_byte(kept, j) & kChunkLanes;
     pack_lanes(wv, mask, packed_w + count);
     count += pack_lanes(qv, mask, packed_q + count);
   }
@@ -321,7 +322,7 @@ double float_negatives(const Plan<float>& plan, const float* q, const float* wei
       const int64_t width = std::min<int64_t>(kWidth, c - j);
       const Vec qv = width == kWidth ? Vec::loadu(q + j) : Vec::loadu(q + j, width);
       const Vec lane_poison = qv - qv;
-      const uint32_t mask = mask_byte(kept, j);
+      const uint32_t mask = mask_byte(kept, j) & kChunkLanes;
       if (g != nullptr) (expand_lanes(packed_grad + position, mask) + lane_poison).store(g + j, width);
       if (l != nullptr) (expand_lanes(packed_loss + position, mask) + lane_poison).store(l + j, width);
       position += popcount8(mask);
@@ -410,6 +411,13 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     for (int64_t w = 0; w < words; ++w) kept[w] = dropped ? nonzero[w] & ~dropped[w] : nonzero[w];
     if (foreground) kept[label >> 6] &= ~(uint64_t(1) << (label & 63));
     sum = float_negatives<kPath>(plan, q, weights, kept, g, l, grad_scale, loss_scale, scratch);
+    if (!std::isfinite(row_w)) {
+      // The skipped lanes got 0: a NaN/Inf row weight must surface in all of them, as w * d *
+      // row_w does in the other backends.
+      const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
+      if (g != nullptr) std::fill(g, g + c, nan);
+      if (l != nullptr) std::fill(l, l + c, nan);
+    }
   }
   if (foreground) {
     // Written after the negatives, which gave its lane 0.

@@ -45,9 +45,16 @@ constexpr LanePermutations make_lane_permutations() {
 
 inline constexpr LanePermutations kLanePermutations = make_lane_permutations();
 
-inline int popcount8(uint32_t mask) { return __builtin_popcount(mask & 0xFF); }
+// Lanes per chunk: 8 with AVX2; other at::vec builds may have fewer (4 on aarch64), never more.
+constexpr int kPackWidth = at::vec::Vectorized<float>::size();
+static_assert(kPackWidth <= 8, "lane masks are 8-bit: a chunk holds at most 8 lanes");
+constexpr uint32_t kChunkLanes = (1u << kPackWidth) - 1;
+
+inline int popcount8(uint32_t mask) { return __builtin_popcount(mask & kChunkLanes); }
 
 #if defined(CPU_CAPABILITY_AVX2)
+static_assert(kPackWidth == 8, "the AVX2 permutations move 8 lanes");
+
 inline __m256i lane_indices(uint32_t nibbles) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(nibbles)), shifts),
@@ -56,25 +63,25 @@ inline __m256i lane_indices(uint32_t nibbles) {
 #endif
 
 // Stores the lanes of `v` whose mask bit is set at dst[0 ..), in lane order, and returns how
-// many. Writes all 8 floats at dst: the caller's buffer has 8 floats to spare.
+// many. May write all kPackWidth floats at dst: the caller's buffer has 8 floats to spare.
 inline int pack_lanes(const at::vec::Vectorized<float>& v, uint32_t mask, float* dst) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 packed =
       _mm256_permutevar8x32_ps(v, lane_indices(kLanePermutations.pack[mask & 0xFF]));
   _mm256_storeu_ps(dst, packed);
 #else
-  float lanes[8];
+  float lanes[kPackWidth];
   v.store(lanes);
   int r = 0;
-  for (int k = 0; k < 8; ++k) {
+  for (int k = 0; k < kPackWidth; ++k) {
     if ((mask >> k) & 1) dst[r++] = lanes[k];
   }
 #endif
   return popcount8(mask);
 }
 
-// The inverse of pack_lanes: lane k is src[rank of k] where bit k is set, else 0. Reads 8
-// floats at src.
+// The inverse of pack_lanes: lane k is src[rank of k] where bit k is set, else 0. May read
+// kPackWidth floats at src.
 inline at::vec::Vectorized<float> expand_lanes(const float* src, uint32_t mask) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 spread = _mm256_permutevar8x32_ps(
@@ -84,9 +91,9 @@ inline at::vec::Vectorized<float> expand_lanes(const float* src, uint32_t mask) 
       _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(mask)), lane_bit), lane_bit);
   return _mm256_and_ps(_mm256_castsi256_ps(kept), spread);
 #else
-  float lanes[8];
+  float lanes[kPackWidth];
   int r = 0;
-  for (int k = 0; k < 8; ++k) lanes[k] = ((mask >> k) & 1) ? src[r++] : 0.0f;
+  for (int k = 0; k < kPackWidth; ++k) lanes[k] = ((mask >> k) & 1) ? src[r++] : 0.0f;
   return at::vec::Vectorized<float>::loadu(lanes);
 #endif
 }
