@@ -198,10 +198,24 @@ struct ElementMath {
     return O::fma(O::fma(O::fma(c0, x, c1), x, c2), x, c3);
   }
 
+  // A negative element while t = exp(-qc) is small (t < 1), with u = t / 2:
+  //   -log(1 - e^-t) = qc + u - log(sinh(u) / u), the last a series in u^2, and
+  //   p t / (1 - p) = t / (e^t - 1), the Bernoulli series in t^2.
+  static GK_HD void small_t_series(V qc, V t, V* loss, V* grad) {
+    const V u = t * O::splat(0.5f);
+    const V u2 = u * u;
+    const V log_sinhc = horner(u2, O::splat(-1.0f / 37800.0f), O::splat(1.0f / 2835.0f),
+                               O::splat(-1.0f / 180.0f), O::splat(1.0f / 6.0f)) * u2;
+    *loss = qc + u - log_sinhc;
+    const V t2 = t * t;
+    *grad = O::fma(horner(t2, O::splat(-1.0f / 1209600.0f), O::splat(1.0f / 30240.0f),
+                          O::splat(-1.0f / 720.0f), O::splat(1.0f / 12.0f)),
+                   t2, O::splat(1.0f) - u);
+  }
+
   // The same negative element in float32 with one exp less, no log and one division: the
-  // float kernels' hot path. With t = exp(-qc) and u = t / 2:
-  //  t < 0.7:  -log(1 - e^-t) = qc + u - log(sinh(u) / u), the last a series in u^2, and
-  //            p t / (1 - p) = t / (e^t - 1), the Bernoulli series in t;
+  // float kernels' path for clamps outside the bounded range. With t = exp(-qc):
+  //  t < 0.7:  small_t_series;
   //  t >= 0.7: p = e^-t <= 1/2 and -log(1 - p) = 2 atanh(s), s = p / (2 - p) <= 1/3, a series.
   // Both are within 1.5e-7 relative of the closed forms (tests/test_gol_loss.py holds them to
   // the float64 reference), and both branches are computed so that vector lanes may differ.
@@ -211,14 +225,8 @@ struct ElementMath {
     const V poisoned = poison(q);
     const V qc = min_keep_nan(max_keep_nan(q, lo), hi);
     const V t = O::exp(O::neg(qc));
-    const V u = t * O::splat(0.5f);
-    const V u2 = u * u;
-    const V log_sinhc = horner(u2, O::splat(-1.0f / 37800.0f), O::splat(1.0f / 2835.0f),
-                               O::splat(-1.0f / 180.0f), O::splat(1.0f / 6.0f)) * u2;
-    const V loss_low = qc + u - log_sinhc;
-    const V t2 = t * t;
-    const V grad_low = horner(t2, O::splat(-1.0f / 1209600.0f), O::splat(1.0f / 30240.0f),
-                              O::splat(-1.0f / 720.0f), O::splat(1.0f / 12.0f)) * t2 + (one - u);
+    V loss_low, grad_low;
+    small_t_series(qc, t, &loss_low, &grad_low);
 
     const V p = O::exp(O::neg(t));
     const V a = one - p;                // >= 1/2 here, no cancellation
@@ -254,8 +262,7 @@ struct ElementMath {
   // no intermediate is a denormal (the CPU computes those through slow microcode assists), the
   // loss stays below the cap and BCE's eps can only bite through p < 1e-12. Unpoisoned: callers
   // add poison(q) themselves (the CPU kernel once per row chunk, for kept and dropped lanes).
-  //   t < 1:  -log(1 - e^-t) = qc + u - log(sinh(u) / u) with u = t / 2 (a series in u^2), and
-  //           p t / (1 - p) = t / (e^t - 1) (the Bernoulli series in t^2), as in the series form;
+  //   t < 1:  small_t_series;
   //   t >= 1: p = e^-t <= 1/e and -log(1 - p) = p Q(p), Q a polynomial fit of -log(1 - p) / p
   //           on [0, 1/e] (weighted least squares on Chebyshev nodes, within 1e-7 relative in
   //           float32); the gradient p t / (1 - p) with one reciprocal.
@@ -264,15 +271,8 @@ struct ElementMath {
     const V one = O::splat(1.0f);
     const V qc = O::min(O::max(q, lo), hi);
     const V t = O::exp_bounded(O::neg(qc));
-    const V u = t * O::splat(0.5f);
-    const V u2 = u * u;
-    const V log_sinhc = horner(u2, O::splat(-1.0f / 37800.0f), O::splat(1.0f / 2835.0f),
-                               O::splat(-1.0f / 180.0f), O::splat(1.0f / 6.0f)) * u2;
-    const V loss_low = qc + u - log_sinhc;
-    const V t2 = t * t;
-    const V grad_low = O::fma(horner(t2, O::splat(-1.0f / 1209600.0f), O::splat(1.0f / 30240.0f),
-                                     O::splat(-1.0f / 720.0f), O::splat(1.0f / 12.0f)),
-                              t2, one - u);
+    V loss_low, grad_low;
+    small_t_series(qc, t, &loss_low, &grad_low);
 
     const V p = O::exp_bounded(O::neg(t));
     const V q_poly = horner(p, horner(p, O::splat(0.574717104f), O::splat(-0.203410551f),

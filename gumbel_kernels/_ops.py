@@ -58,11 +58,13 @@ if has_ops():
             grad = logits.new_empty((0,))
         return loss, grad
 
+    # Shared by gol_loss (loss, grad) and gol_loss_class_stats (loss, grad, pos_sums, neg_sums):
+    # both take 15 inputs and differentiate only the loss, through the saved gradient.
     def _gol_loss_setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(*output[1:])
 
-    def _gol_loss_backward(ctx, grad_loss, _unused_grad_of_grad):
+    def _gol_loss_backward(ctx, grad_loss, *_unused_grads_of_other_outputs):
         (grad,) = ctx.saved_tensors
         if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
             raise RuntimeError("gumbel::gol_loss was called with need_grad=False, so it saved no "
@@ -85,17 +87,8 @@ if has_ops():
         stats = [logits.new_empty((logits.shape[1],), dtype=torch.float64) for _ in range(2)]
         return loss, grad, *stats
 
-    def _gol_loss_class_stats_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(*output[1:])
-
-    def _gol_loss_class_stats_backward(ctx, grad_loss, *_unused):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(grad.dtype), *([None] * 14)
-
-    torch.library.register_autograd("gumbel::gol_loss_class_stats",
-                                    _gol_loss_class_stats_backward,
-                                    setup_context=_gol_loss_class_stats_setup_context)
+    torch.library.register_autograd("gumbel::gol_loss_class_stats", _gol_loss_backward,
+                                    setup_context=_gol_loss_setup_context)
 
     @torch.library.register_fake("gumbel::gumbel_activation")
     def _gumbel_activation_fake(logits):

@@ -189,10 +189,11 @@ Path choose_path(const GolParams& p) {
 }
 
 // Unweighted loss and gradient of eight negatives. The bounded path leaves out the poison
-// term, which the row adds for every lane (csrc/gol_math.h).
+// term, which the row adds for every lane (csrc/gol_math.h). lo / hi: the clamp, splatted by
+// the caller once per row (reloaded per vector, the params could alias the float stores).
 template <Path kPath>
-inline void negatives8(const GolParams& p, const Vec& q, Vec* loss, Vec* grad) {
-  const Vec lo(p.clamp_min), hi(p.clamp_max);
+inline void negatives8(const GolParams& p, const Vec& lo, const Vec& hi, const Vec& q, Vec* loss,
+                       Vec* grad) {
   if constexpr (kPath == Path::kGumbelBounded) {
     ElementMath<VecOpsT<true>>::gumbel_negative_bounded_core(q, lo, hi, p.grad_mode, loss, grad);
   } else if constexpr (kPath == Path::kGumbelLean) {
@@ -213,11 +214,12 @@ double packed_negatives(const GolParams& p, const float* q, const float* w, int6
                         float* grad, float* loss_out, float grad_scale, float loss_scale) {
   constexpr int64_t kWidth = Vec::size();
   const Vec gscale(grad_scale), lscale(loss_scale);
+  const Vec lo(p.clamp_min), hi(p.clamp_max);
   Vec acc[2] = {Vec(0.0f), Vec(0.0f)};
   auto element = [&](int64_t j, Vec& sum) {
     const Vec wv = Vec::loadu(w + j);
     Vec lv, gv;
-    negatives8<kPath>(p, Vec::loadu(q + j), &lv, &gv);
+    negatives8<kPath>(p, lo, hi, Vec::loadu(q + j), &lv, &gv);
     const Vec weighted = wv * lv;
     sum = sum + weighted;
     if (grad != nullptr) (wv * gscale * gv).store(grad + j);

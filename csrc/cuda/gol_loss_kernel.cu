@@ -144,6 +144,12 @@ struct CallConstants {
       inv_denominator = math_t(1) / static_cast<math_t>(counts.valid > 0 ? counts.valid : 1);
     }
   }
+  // Whether a drop-class negative is dropped on a foreground / background row; `uniform()`, the
+  // element's Philox uniform, is only asked for on background rows that draw.
+  template <typename Uniform>
+  __device__ bool drops(bool foreground, Uniform uniform) const {
+    return foreground ? drops_foreground : drop_background && uniform() > ratio;
+  }
 };
 
 template <typename scalar_t>
@@ -166,7 +172,6 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
   const CallConstants<math_t> call(*counts, p, drop != nullptr);
   const bool drops_foreground = call.drops_foreground;
   const bool drop_background = call.drop_background;
-  const float ratio = call.ratio;
   const math_t inv_denominator = call.inv_denominator;
   const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
 
@@ -214,12 +219,9 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
           } else {
             const bool positive = label == j;
             math_t w = class_weight != nullptr ? class_weight[j] : math_t(1);
-            if (!positive && (drops_foreground || drop_background) && drop[j]) {
-              const bool foreground = label < c;
-              if ((foreground && drops_foreground) ||
-                  (!foreground && drop_background && uniform_from_bits(bits.w[k]) > ratio)) {
-                w = math_t(0);
-              }
+            if (!positive && (drops_foreground || drop_background) && drop[j] &&
+                call.drops(label < c, [&] { return uniform_from_bits(bits.w[k]); })) {
+              w = math_t(0);
             }
             const math_t rw = row_weight != nullptr ? row_weight[row] : math_t(1);
             math_t el, eg;
@@ -417,13 +419,10 @@ __global__ void __launch_bounds__(kThreads) gol_loss_class_stats_kernel(
         } else {
           const bool positive = label == j;
           math_t w = positive ? pw : cw;
-          if (!positive && drop_class) {
-            if (label < c ? call.drops_foreground
-                          : call.drop_background &&
-                                uniform_from_bits(philox_group(e >> 2, p.philox).w[e & 3]) >
-                                    call.ratio) {
-              w = math_t(0);
-            }
+          if (!positive && drop_class && call.drops(label < c, [&] {
+                return uniform_from_bits(philox_group(e >> 2, p.philox).w[e & 3]);
+              })) {
+            w = math_t(0);
           }
           const math_t rw = row_weight != nullptr ? row_weight[row] : math_t(1);
           math_t el, eg;
