@@ -3,7 +3,7 @@
 Environment switches:
   GUMBEL_NO_CUDA=1      skip the CUDA sources (quick local builds)
   FORCE_CUDA=1          require the CUDA sources (fail if nvcc is missing)
-  TORCH_CUDA_ARCH_LIST  GPU archs; defaults to "8.0;9.0" (A100, H100) when no GPU is visible
+  TORCH_CUDA_ARCH_LIST  GPU archs; defaults to DEFAULT_CUDA_ARCHS below when no GPU is visible
                         (the build machine has none), so every CI run compiles the CUDA kernels
   GUMBEL_CPU_AVX2=0/1   build the CPU kernel with AVX2+FMA (default: on when this CPU has them)
   CUDA_HOME             the toolkit root (include/cuda_runtime.h, lib64/libcudart.so); found
@@ -67,8 +67,13 @@ if not _env_flag("GUMBEL_NO_CUDA"):
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+# Cubins for Turing (T4), Ampere (A100; also runs on sm_86/89), Hopper, Blackwell (B200) and
+# Blackwell consumer/workstation (sm_120), plus compute_90 PTX that the driver JIT-compiles on
+# any newer arch without a cubin (e.g. sm_110). Each arch adds its device compile to the build
+# (README: build notes).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX;10.0;12.0"
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
 
 use_avx2 = os.environ.get("GUMBEL_CPU_AVX2")
 use_avx2 = _cpu_has_avx2() if use_avx2 is None else _env_flag("GUMBEL_CPU_AVX2")
@@ -96,6 +101,13 @@ else:
     extension = CppExtension("gumbel_kernels._C", sources, define_macros=define_macros,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+# The CUDA kernels' device code and host logic run on the CPU (backend "cuda_emulated", a test
+# backend; csrc/cuda_emulation): plain C++, built with or without a CUDA toolkit, loaded with
+# torch.ops.load_library by gumbel_kernels/_ops.py.
+emulated_extension = CppExtension(
+    "gumbel_kernels._cuda_emulated", sorted(glob.glob("csrc/cuda_emulation/*.cpp")),
+    extra_compile_args={"cxx": ["-O2", "-std=c++20", "-fvisibility=hidden"]})
+
 setup(
     name="gumbel-kernels",
     version="0.1.0",
@@ -103,7 +115,7 @@ setup(
                 "Mask R-CNN harness",
     packages=find_packages(include=["gumbel_kernels", "gumbel_kernels.*"]),
     python_requires=">=3.10",
-    ext_modules=[extension],
+    ext_modules=[extension, emulated_extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

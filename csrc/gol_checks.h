@@ -24,6 +24,8 @@ struct GolInputs {
   at::Tensor class_weight;  // (C,), math dtype, contiguous; undefined when absent
   at::Tensor row_weight;    // (N,), math dtype, contiguous; undefined when absent
   at::Tensor pos_weight;    // (C,), math dtype, contiguous; gol_loss_class_stats only
+  at::Tensor seed;          // (1,), int64, on the CPU (read here into params.philox) or on the
+                            // logits' device (read by the kernel; params.philox has key 0)
   GolParams params;
 };
 
@@ -85,9 +87,11 @@ inline GolInputs prepare_gol_inputs(
   TORCH_CHECK_VALUE(labels.device() == logits.device(), "gol_loss: labels are on ",
                     labels.device(), " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(seed.numel() == 1 && !at::isFloatingType(seed.scalar_type()) &&
-                        seed.scalar_type() != at::kBool && seed.device().is_cpu(),
-                    "gol_loss: seed must be a one-element integer CPU tensor, got ",
-                    seed.scalar_type(), " ", shape_of(seed), " on ", seed.device());
+                        seed.scalar_type() != at::kBool &&
+                        (seed.device().is_cpu() || seed.device() == logits.device()),
+                    "gol_loss: seed must be a one-element integer tensor on the CPU or on the "
+                    "logits' device ", logits.device(), ", got ", seed.scalar_type(), " ",
+                    shape_of(seed), " on ", seed.device());
   TORCH_CHECK_VALUE(offset >= 0, "gol_loss: offset must be >= 0, got ", offset);
 
   in.logits = logits.contiguous();
@@ -125,7 +129,10 @@ inline GolInputs prepare_gol_inputs(
                     "gol_loss: clamp must satisfy clamp_min < clamp_max, got (", p.clamp_min, ", ",
                     p.clamp_max, ")");
   p.ignore_index = ignore_index;
-  const uint64_t seed_bits = static_cast<uint64_t>(seed.to(at::kLong).item<int64_t>());
+  in.seed = seed.to(at::kLong).reshape({1}).contiguous();
+  // A device seed is read by the kernel (reading it here would wait for the device).
+  const uint64_t seed_bits =
+      in.seed.device().is_cpu() ? static_cast<uint64_t>(in.seed.item<int64_t>()) : 0;
   const uint64_t offset_bits = static_cast<uint64_t>(offset);
   p.philox = PhiloxKey{static_cast<uint32_t>(seed_bits), static_cast<uint32_t>(seed_bits >> 32),
                        static_cast<uint32_t>(offset_bits), static_cast<uint32_t>(offset_bits >> 32)};

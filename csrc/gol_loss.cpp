@@ -1,31 +1,8 @@
-// The gumbel operator library: every schema is defined here, once. Devices only add
-// TORCH_LIBRARY_IMPL blocks (csrc/cpu, csrc/cuda); fake kernels and autograd are registered
-// from Python (gumbel_kernels/_ops.py).
+// The gumbel operator library: every schema is defined here, once (csrc/gol_schemas.h). Devices
+// only add TORCH_LIBRARY_IMPL blocks (csrc/cpu, csrc/cuda); fake kernels and autograd are
+// registered from Python (gumbel_kernels/_ops.py).
 #include <torch/library.h>
 
-TORCH_LIBRARY(gumbel, m) {
-  // Fused GOL loss forward: returns (loss, grad) where grad = d loss / d logits for a unit
-  // upstream gradient (empty when need_grad is false). See gumbel_kernels/INTERFACES.md.
-  m.def(
-      "gol_loss(Tensor logits, Tensor labels, Tensor? drop_classes, Tensor? class_weight, "
-      "Tensor? row_weight, Tensor seed, int offset=0, str mode=\"droploss\", "
-      "str activation=\"gumbel\", str reduction=\"mean\", float? clamp_min=-4.0, "
-      "float? clamp_max=10.0, str grad_mode=\"reference\", int ignore_index=-100, "
-      "bool need_grad=True) -> (Tensor, Tensor)");
-  // gol_loss with EQLv2's needs (see gumbel_kernels/INTERFACES.md): the positive
-  // element of a row with label j weighted by pos_weight[j] (default: class_weight[j]), and,
-  // from the same pass, per-class sums over the positive resp. negative elements of
-  // |d loss_sum / d q_ij| (the gradient of the "sum"-reduced loss), as float64 (C,) tensors.
-  // reduction is "mean" or "sum"; the gradient is always returned.
-  m.def(
-      "gol_loss_class_stats(Tensor logits, Tensor labels, Tensor? drop_classes, "
-      "Tensor? class_weight, Tensor? pos_weight, Tensor? row_weight, Tensor seed, int offset=0, "
-      "str mode=\"droploss\", str activation=\"gumbel\", str reduction=\"mean\", "
-      "float? clamp_min=-4.0, float? clamp_max=10.0, str grad_mode=\"reference\", "
-      "int ignore_index=-100) -> (Tensor, Tensor, Tensor, Tensor)");
-  // exp(-exp(-q)) on the raw logits.
-  m.def("gumbel_activation(Tensor logits) -> Tensor");
-  // grad *= grad_output in place, skipped (on the device, no host sync) when grad_output is a
-  // scalar equal to 1. The backward of the fused loss: it only scales the saved gradient.
-  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
-}
+#include "gol_schemas.h"
+
+TORCH_LIBRARY(gumbel, m) { gk::define_gol_schemas(m); }

@@ -18,6 +18,8 @@ namespace gk {
 // max(p (1 - p), 1e-12); GOL trains with it, so the contract keeps both.
 constexpr float kLossCap = 100.0f;
 constexpr float kBceEps = 1e-12f;
+// FLT_MAX: caps t = exp(-q) where a product p t must not become 0 * inf.
+constexpr float kLargestFinite = 3.40282347e+38f;
 
 // Clamps inside these bounds take ElementMath::gumbel_negative_bounded (see there).
 constexpr float kBoundedClampMin = -4.0f;
@@ -180,12 +182,22 @@ struct ElementMath {
     return O::lt(g.p * g.one_minus_p, O::splat(kBceEps));
   }
 
+  // p t, which is 0 * inf = NaN once t = exp(-q) overflows (q < -88.7 without a clamp); the
+  // limit there is 0, which p * min(t, max) gives. A NaN t (NaN q) stays NaN.
+  static GK_HD V p_times_t(const Gumbel& g) {
+    return g.p * min_keep_nan(g.t, O::splat(kLargestFinite));
+  }
+
   // y = 0: loss -log(1 - p); gradient p t / (1 - p), or BCE's p^2 t / max(p (1 - p), eps).
+  // The closed form (the float64 instantiations): once p <= 1/2, -log1p(-p), since 1 - p rounds
+  // to 1 for t > 36 and -log(1 - p) would give 0 for a loss of ~p.
   static GK_HD void gumbel_negative(const Gumbel& g, GradMode grad_mode, V* loss, V* grad) {
     const V zero = O::splat(0.0f);
     const V poisoned = poison(g.q);
-    *loss = min_keep_nan(O::neg(O::log(g.one_minus_p)), O::splat(kLossCap)) + poisoned;
-    const V pt = g.p * g.t;
+    const V neg_log = O::select(O::lt(g.p, O::splat(0.5f)), O::neg(O::log1p(O::neg(g.p))),
+                                O::neg(O::log(g.one_minus_p)));
+    *loss = min_keep_nan(neg_log, O::splat(kLossCap)) + poisoned;
+    const V pt = p_times_t(g);
     V d = pt / g.one_minus_p;
     if (grad_mode == GradMode::kReference) {
       // (p / eps) (p t), not p^2 t / eps: p^2 is a denormal for q near the lower clamp.
@@ -242,14 +254,17 @@ struct ElementMath {
                           O::splat(1.0f / 9.0f), O::splat(1.0f / 7.0f)),
                O::splat(1.0f / 5.0f), O::splat(1.0f / 3.0f), one);
     const V loss_high = O::splat(2.0f) * s * atanh_ratio;
-    V grad_high = p * t * b * r;        // p t / (1 - p)
+    // p t / (1 - p); t capped so that p t is 0, its limit, rather than 0 * inf once t overflows
+    // (q < -88.7 without a clamp).
+    const V pt = p * min_keep_nan(t, O::splat(kLargestFinite));
+    V grad_high = pt * b * r;
 
     const M low = O::lt(t, O::splat(0.7f));
     V d = O::select(low, grad_low, grad_high);
     if (grad_mode == GradMode::kReference) {
       // BCE's eps: p (1 - p) < 1e-12 when p is tiny (q < -3.32) or when 1 - p ~ t is (q > 27.6).
       const V inv_eps = O::splat(1.0f / kBceEps);
-      d = O::select(O::lt(p, O::splat(kBceEps)), (p * inv_eps) * (p * t), d);
+      d = O::select(O::lt(p, O::splat(kBceEps)), (p * inv_eps) * pt, d);
       d = O::select(O::lt(t, O::splat(kBceEps)), t * inv_eps, d);
     }
     *loss = min_keep_nan(O::select(low, loss_low, loss_high), O::splat(kLossCap)) + poisoned;
@@ -306,7 +321,8 @@ struct ElementMath {
     *loss = min_keep_nan(g.t, O::splat(kLossCap)) + poisoned;
     V d = O::neg(g.t);
     if (grad_mode == GradMode::kReference) {
-      d = O::select(bce_eps_active(g), d * g.p * g.one_minus_p * O::splat(1.0f / kBceEps), d);
+      const V dead_zone = O::neg(p_times_t(g)) * g.one_minus_p * O::splat(1.0f / kBceEps);
+      d = O::select(bce_eps_active(g), dead_zone, d);
     }
     *grad = O::select(g.inside, d, zero) + poisoned;
   }

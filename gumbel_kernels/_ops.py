@@ -1,11 +1,14 @@
-"""Loads the compiled gumbel_kernels._C and registers, side by side, the fake kernels and the
-autograd formulas of the ops whose schemas csrc/gol_loss.cpp defines.
+"""Loads the compiled gumbel_kernels._C (and the CUDA emulator's library) and registers, side by
+side, the fake kernels and the autograd formulas of the ops whose schemas csrc/gol_schemas.h
+defines.
 
 Importing this module never fails: when the extension is missing, `has_ops()` is False and
 `load_error()` says why, so the pure-PyTorch and Triton backends still work.
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Optional
 
 import torch
@@ -16,6 +19,30 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the build
     _LOAD_ERROR = f"gumbel_kernels._C could not be imported ({error}); build it with `make build`"
 
+# The CUDA emulator's library (namespace gumbel_emulated, backend "cuda_emulated"): the built
+# gumbel_kernels/_cuda_emulated*.so, or the file GUMBEL_CUDA_EMULATED_LIBRARY names (a
+# sanitizer build of it, see tests/test_sanitizers.py).
+EMULATED_LIBRARY_ENV = "GUMBEL_CUDA_EMULATED_LIBRARY"
+_EMULATED_ERROR: Optional[str] = None
+
+
+def _load_emulated_library() -> Optional[str]:
+    path = os.environ.get(EMULATED_LIBRARY_ENV)
+    if not path:
+        built = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_cuda_emulated*.so")))
+        if not built:
+            return "the CUDA emulator library was not built (gumbel_kernels/_cuda_emulated*.so); " \
+                   "build it with `make build`"
+        path = built[0]
+    try:
+        torch.ops.load_library(path)
+    except OSError as error:
+        return f"the CUDA emulator library {path} could not be loaded ({error})"
+    return None
+
+
+_EMULATED_ERROR = _load_emulated_library()
+
 
 def has_ops() -> bool:
     """True when the compiled operator library is loaded."""
@@ -25,6 +52,11 @@ def has_ops() -> bool:
 def load_error() -> Optional[str]:
     """Why the compiled operator library is unavailable, or None."""
     return _LOAD_ERROR
+
+
+def emulated_error() -> Optional[str]:
+    """Why the CUDA emulator's ops (torch.ops.gumbel_emulated) are unavailable, or None."""
+    return _EMULATED_ERROR
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
@@ -39,9 +71,11 @@ def scalar_loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-if has_ops():
+def register_python_parts(namespace: str) -> None:
+    """Fake kernels and autograd formulas of the four ops of `namespace` (the schemas of
+    csrc/gol_schemas.h): "gumbel", and "gumbel_emulated" for the CUDA emulator's library."""
 
-    @torch.library.register_fake("gumbel::gol_loss")
+    @torch.library.register_fake(f"{namespace}::gol_loss")
     def _gol_loss_fake(logits, labels, drop_classes, class_weight, row_weight, seed, offset=0,
                        mode="droploss", activation="gumbel", reduction="mean", clamp_min=-4.0,
                        clamp_max=10.0, grad_mode="reference", ignore_index=-100, need_grad=True):
@@ -67,15 +101,15 @@ if has_ops():
     def _gol_loss_backward(ctx, grad_loss, *_unused_grads_of_other_outputs):
         (grad,) = ctx.saved_tensors
         if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
-            raise RuntimeError("gumbel::gol_loss was called with need_grad=False, so it saved no "
-                               "gradient; call it with need_grad=True to differentiate it")
+            raise RuntimeError(f"{namespace}::gol_loss was called with need_grad=False, so it "
+                               "saved no gradient; call it with need_grad=True to differentiate it")
         # Out of place: a graph run twice (retain_graph) must see the unscaled gradient again.
         return (grad * grad_loss).to(grad.dtype), *([None] * 14)
 
-    torch.library.register_autograd("gumbel::gol_loss", _gol_loss_backward,
+    torch.library.register_autograd(f"{namespace}::gol_loss", _gol_loss_backward,
                                     setup_context=_gol_loss_setup_context)
 
-    @torch.library.register_fake("gumbel::gol_loss_class_stats")
+    @torch.library.register_fake(f"{namespace}::gol_loss_class_stats")
     def _gol_loss_class_stats_fake(logits, labels, drop_classes, class_weight, pos_weight,
                                    row_weight, seed, offset=0, mode="droploss",
                                    activation="gumbel", reduction="mean", clamp_min=-4.0,
@@ -87,10 +121,10 @@ if has_ops():
         stats = [logits.new_empty((logits.shape[1],), dtype=torch.float64) for _ in range(2)]
         return loss, grad, *stats
 
-    torch.library.register_autograd("gumbel::gol_loss_class_stats", _gol_loss_backward,
+    torch.library.register_autograd(f"{namespace}::gol_loss_class_stats", _gol_loss_backward,
                                     setup_context=_gol_loss_setup_context)
 
-    @torch.library.register_fake("gumbel::gumbel_activation")
+    @torch.library.register_fake(f"{namespace}::gumbel_activation")
     def _gumbel_activation_fake(logits):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -102,9 +136,16 @@ if has_ops():
         # d/dq exp(-exp(-q)) = p * exp(-q)
         return grad_scores * scores * torch.exp(-logits)
 
-    torch.library.register_autograd("gumbel::gumbel_activation", _gumbel_activation_backward,
+    torch.library.register_autograd(f"{namespace}::gumbel_activation",
+                                    _gumbel_activation_backward,
                                     setup_context=_gumbel_activation_setup_context)
 
-    @torch.library.register_fake("gumbel::scale_grad_")
+    @torch.library.register_fake(f"{namespace}::scale_grad_")
     def _scale_grad_fake(grad, grad_output):
         return None
+
+
+if has_ops():
+    register_python_parts("gumbel")
+if _EMULATED_ERROR is None:
+    register_python_parts("gumbel_emulated")

@@ -15,7 +15,9 @@ import torch
 
 from . import _ops, reference
 
-BACKENDS = ("cpu", "cuda", "triton", "reference")
+# "cuda_emulated" (CPU tensors): the CUDA kernels' device code and host logic run on the CPU by
+# csrc/cuda_emulation, a test backend for machines without a GPU; never chosen by "auto".
+BACKENDS = ("cpu", "cuda", "triton", "reference", "cuda_emulated")
 AUTO_PREFERENCE = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
@@ -28,7 +30,27 @@ def _compiled_op_reason(dispatch_key: str) -> Optional[str]:
         return _ops.load_error()
     if not _ops.has_kernel("gol_loss", dispatch_key):
         return f"gumbel_kernels._C was built without {dispatch_key} kernels"
+    if dispatch_key == "CUDA":
+        return _cuda_image_reason()
     return None
+
+
+_image_reasons: dict = {}
+
+
+def _cuda_image_reason() -> Optional[str]:
+    """Why the current CUDA device cannot run the built kernels (no cubin for its arch and no
+    PTX the driver can compile), or None; asked once per device."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    device = torch.cuda.current_device()
+    if device not in _image_reasons:
+        reason = torch.ops.gumbel.cuda_kernel_image_check(device)
+        arch = "sm_%d%d" % torch.cuda.get_device_capability(device)
+        _image_reasons[device] = (f"gumbel_kernels._C has no kernel image for this {arch} device "
+                                  f"({reason}); rebuild with TORCH_CUDA_ARCH_LIST set for it"
+                                  if reason else None)
+    return _image_reasons[device]
 
 
 def _triton_reason(device_type: str) -> Optional[str]:
@@ -57,6 +79,10 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
         return _compiled_op_reason("CUDA")
     if name == "triton":
         return _triton_reason(device_type)
+    if name == "cuda_emulated":
+        if device_type != "cpu":
+            return f"the 'cuda_emulated' backend runs on CPU tensors, got {device_type} tensors"
+        return _ops.emulated_error()
     return f"unknown backend {name!r}; expected one of {', '.join(('auto',) + BACKENDS)}"
 
 
@@ -92,6 +118,10 @@ def _compiled_forward(*args):
     return torch.ops.gumbel.gol_loss(*args)
 
 
+def _emulated_forward(*args):
+    return torch.ops.gumbel_emulated.gol_loss(*args)
+
+
 def _triton_forward(*args):
     from .triton.gol_loss import gol_loss_forward
     return gol_loss_forward(*args)
@@ -102,6 +132,7 @@ _FORWARDS: dict[str, Callable] = {
     "cuda": _compiled_forward,
     "triton": _triton_forward,
     "reference": reference.gol_loss_forward,
+    "cuda_emulated": _emulated_forward,
 }
 
 
@@ -120,6 +151,9 @@ def scale_saved_grad(backend: str, grad: torch.Tensor, grad_output: torch.Tensor
     """
     if grad_output.numel() != 1:
         return grad * grad_output, False
+    if backend == "cuda_emulated":  # the CUDA backend's in-place kernel, run by the emulator
+        torch.ops.gumbel_emulated.scale_grad_(grad, grad_output)
+        return grad, True
     if grad_output.device.type == "cpu":
         if float(grad_output) == 1.0:
             return grad, False

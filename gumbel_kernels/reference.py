@@ -122,12 +122,15 @@ def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
         # every digit of a loss of ~p.
         neg_loss = torch.where(t < math.log(2.0), -torch.log(one_minus_p), -torch.log1p(-p))
         loss = torch.where(positive, t, neg_loss).clamp(max=LOSS_CAP)
+        # dp/dq = p t, whose limit is 0 where t = exp(-q) overflows (no clamp, very negative q):
+        # t is capped there so that the product is 0 rather than 0 * inf = NaN.
+        pt = p * torch.clamp(t, max=torch.finfo(t.dtype).max)
         if grad_mode == "reference":
-            # BCE backward: (p - y) / max(p (1 - p), eps) * dp/dq, with dp/dq = p t.
+            # BCE backward: (p - y) / max(p (1 - p), eps) * dp/dq.
             numerator = torch.where(positive, -one_minus_p, p)
-            grad = numerator / torch.clamp(p * one_minus_p, min=BCE_EPS) * p * t
+            grad = numerator / torch.clamp(p * one_minus_p, min=BCE_EPS) * pt
         else:
-            grad = torch.where(positive, -t, p * t / one_minus_p)
+            grad = torch.where(positive, -t, pt / one_minus_p)
         inside = torch.ones_like(positive)
         if clamp_min is not None:
             inside = inside & (q > clamp_min)

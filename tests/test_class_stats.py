@@ -1,19 +1,21 @@
-"""gumbel::gol_loss_class_stats (EQLv2's fused pass): the CPU kernel against the reference, its
-determinism, its fake kernel and its argument checks."""
+"""gumbel::gol_loss_class_stats (EQLv2's fused pass): the CPU and CUDA kernels (the latter on a
+GPU and through the emulator) against the reference, their determinism, the fake kernel and the
+argument checks."""
 import pytest
 import torch
 
 import gumbel_kernels as gk  # noqa: F401  (loads the op library)
-from conftest import needs_cuda
 from gumbel_kernels import _ops, reference
 
 pytestmark = pytest.mark.skipif(not _ops.has_kernel("gol_loss_class_stats", "CPU"),
                                 reason="the compiled CPU kernel is not built")
 
-OP = None if not _ops.has_ops() else torch.ops.gumbel.gol_loss_class_stats
+
+def op(target):
+    return target.ops.gol_loss_class_stats
 
 
-def make_case(n, c, dtype=torch.float32, seed=0):
+def make_case(n, c, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(n, c, generator=g) * 4.0).to(dtype)
     labels = torch.randint(0, c + 1, (n,), generator=g)
@@ -22,7 +24,7 @@ def make_case(n, c, dtype=torch.float32, seed=0):
     pos_weight = 1.0 + 4.0 * torch.rand(c, generator=g, dtype=torch.float64)
     row_weight = torch.rand(n, generator=g) + 0.5
     drop = torch.rand(c, generator=g) < 0.5
-    return logits, labels, drop, neg_weight, pos_weight, row_weight
+    return [t.to(device) for t in (logits, labels, drop, neg_weight, pos_weight, row_weight)]
 
 
 def call(fn, logits, labels, drop, neg_weight, pos_weight, row_weight, *, mode="bce",
@@ -36,10 +38,10 @@ def call(fn, logits, labels, drop, neg_weight, pos_weight, row_weight, *, mode="
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10),
                                          (torch.bfloat16, 1e-2)])
-def test_cpu_matches_reference(mode, activation, reduction, dtype, rtol):
-    case = make_case(300, 37, dtype)
+def test_matches_reference(target, mode, activation, reduction, dtype, rtol):
+    case = make_case(300, 37, dtype, device=target.device)
     kw = dict(mode=mode, activation=activation, reduction=reduction)
-    ours = call(OP, *case, **kw)
+    ours = call(op(target), *case, **kw)
     ref = call(reference.gol_loss_class_stats_forward, *case, **kw)
     assert ours[2].dtype == ours[3].dtype == torch.float64
     assert ours[1].dtype == dtype
@@ -47,13 +49,15 @@ def test_cpu_matches_reference(mode, activation, reduction, dtype, rtol):
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=1e-6, msg=name)
 
 
-def test_statistics_are_the_summed_loss_gradient_split_by_target():
+def test_statistics_are_the_summed_loss_gradient_split_by_target(target):
     # Hand check on a 2 x 3 case: the sums are |w d loss / d q| of the summed loss.
     logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -3.0]])
     labels = torch.tensor([2, 3])  # a foreground row of class 2 and a background row
     neg_w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     pos_w = torch.tensor([3.0, 3.0, 4.0], dtype=torch.float64)
-    loss, grad, pos, neg = call(OP, logits, labels, None, neg_w, pos_w, None, reduction="mean")
+    loss, grad, pos, neg = [t.cpu() for t in call(
+        op(target), *(t.to(target.device) for t in (logits, labels)), None,
+        *(t.to(target.device) for t in (neg_w, pos_w)), None, reduction="mean")]
     q = logits.double()
     t = torch.exp(-q)
     d_neg = t / torch.expm1(t)  # exact-mode negative gradient; equal to BCE's away from eps
@@ -68,14 +72,14 @@ def test_statistics_are_the_summed_loss_gradient_split_by_target():
     assert grad[1, 0].item() == pytest.approx(0.5 * d_neg[1, 0].item() / 2, rel=1e-5)
 
 
-def test_deterministic_across_thread_counts():
-    case = make_case(1000, 101, seed=3)  # several row tasks of the kernel
+def test_deterministic_across_thread_counts(target):
+    case = make_case(1000, 101, seed=3, device=target.device)  # several row blocks
     previous = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            results.append(call(OP, *case, mode="droploss"))
+            results.append(call(op(target), *case, mode="droploss"))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:
@@ -83,32 +87,34 @@ def test_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
-def test_differentiable_and_opcheck():
-    logits, labels, drop, neg_w, pos_w, row_w = make_case(12, 9, torch.float64)
+def test_differentiable_and_opcheck(target):
+    logits, labels, drop, neg_w, pos_w, row_w = make_case(12, 9, torch.float64,
+                                                          device=target.device)
     x = logits.clone().requires_grad_()
-    loss, grad, _, _ = call(OP, x, labels, drop, neg_w, pos_w, row_w)
+    loss, grad, _, _ = call(op(target), x, labels, drop, neg_w, pos_w, row_w)
     loss.backward()
     torch.testing.assert_close(x.grad, grad)
     args = (logits, labels, None, neg_w.double(), pos_w.double(), row_w.double(), torch.tensor(1),
             0, "bce", "gumbel", "sum", -4.0, 10.0, "reference", -100)
-    torch.library.opcheck(OP, args)
+    torch.library.opcheck(op(target), args)
 
 
-def test_bad_input_names_the_argument():
-    logits, labels, drop, neg_w, pos_w, row_w = make_case(4, 5)
+def test_bad_input_names_the_argument(target):
+    logits, labels, drop, neg_w, pos_w, row_w = make_case(4, 5, device=target.device)
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
-        call(OP, logits, labels, drop, neg_w, pos_w, row_w, reduction="none")
+        call(op(target), logits, labels, drop, neg_w, pos_w, row_w, reduction="none")
     with pytest.raises(ValueError, match="pos_weight must have shape"):
-        call(OP, logits, labels, drop, neg_w, pos_w[:3], row_w)
+        call(op(target), logits, labels, drop, neg_w, pos_w[:3], row_w)
 
 
-@needs_cuda
 @pytest.mark.parametrize("mode", ["bce", "droploss"])
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_cuda_matches_reference_and_is_deterministic(mode, dtype, rtol):
-    case = [t.cuda() for t in make_case(300, 1203, dtype, seed=11)]
-    ours = call(OP, *case, mode=mode)
-    again = call(OP, *case, mode=mode)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10),
+                                         (torch.float16, 2e-3)])
+def test_lvis_width_matches_reference_and_is_deterministic(target, mode, dtype, rtol):
+    # 300 rows are five row blocks of the CUDA kernel, 1203 columns several column passes.
+    case = make_case(300, 1203, dtype, seed=11, device=target.device)
+    ours = call(op(target), *case, mode=mode)
+    again = call(op(target), *case, mode=mode)
     ref = call(reference.gol_loss_class_stats_forward, *case, mode=mode)
     for name, a, b, c in zip(("loss", "grad", "pos", "neg"), ours, again, ref):
         assert torch.equal(a, b), name
