@@ -30,7 +30,7 @@ build: $(VENV)/.stamp-build
 # Every test (tests/test_cmake_build.py loads the CMake build); then the Triton tests again under
 # the interpreter (TRITON_INTERPRET must be set before triton is imported, hence a second process).
 test: build cmake-build
-	GUMBEL_REQUIRE_CMAKE_BUILD=1 GUMBEL_EXPECT_CUDA_KERNEL=$(if $(CMAKE_CUDA_ARGS),1,0) \
+	GUMBEL_REQUIRE_CMAKE_BUILD=1 GUMBEL_REQUIRE_MMDET=1 GUMBEL_EXPECT_CUDA_KERNEL=$(if $(CMAKE_CUDA_ARGS),1,0) \
 		$(PY) -m pytest tests -q $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton.py -q $(PYTEST_ARGS)
 
