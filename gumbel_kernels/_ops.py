@@ -103,6 +103,8 @@ def register_python_parts(namespace: str) -> None:
         if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
             raise RuntimeError(f"{namespace}::gol_loss was called with need_grad=False, so it "
                                "saved no gradient; call it with need_grad=True to differentiate it")
+        from .functional import refuse_double_backward
+        refuse_double_backward(f"{namespace}::gol_loss")
         # Out of place: a graph run twice (retain_graph) must see the unscaled gradient again.
         return (grad * grad_loss).to(grad.dtype), *([None] * 14)
 

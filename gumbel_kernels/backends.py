@@ -89,7 +89,6 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
 _warned_fallback: set = set()
 
 
-@torch.compiler.assume_constant_result
 def resolve(requested: str, device_type: str) -> str:
     """The backend name that will run a call: an explicit request or the "auto" choice."""
     if requested == "auto":
@@ -112,6 +111,12 @@ def resolve(requested: str, device_type: str) -> str:
             return name
         reasons.append(f"{name}: {reason}")
     raise RuntimeError("no gol_loss backend can run: " + "; ".join(reasons))  # pragma: no cover
+
+
+# torch.compile calls resolve() once while tracing and keeps its answer (what
+# torch.compiler.assume_constant_result marks; set directly, since importing that decorator
+# would import torch._dynamo, seconds, into every `import gumbel_kernels`).
+resolve._dynamo_marked_constant = True
 
 
 def _compiled_forward(*args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 
 from . import _ops, backends, reference
 
@@ -87,6 +88,20 @@ def _check_arguments(logits, labels, drop_classes, class_weight, row_weight, mod
         raise ValueError(f"gol_loss: offset must be an int in [0, 2**63), got {offset!r}")
 
 
+def _check_differentiation(class_weight, row_weight) -> None:
+    """What the fused pass cannot differentiate is an error, never a silently missing gradient."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError("gol_loss does not support torch.func transforms (grad, vmap, jacrev, "
+                           "...): its forward computes the gradient of the loss with respect to "
+                           "the logits only; use loss.backward() or torch.autograd.grad")
+    if torch.is_grad_enabled():
+        for name, weight in (("class_weight", class_weight), ("row_weight", row_weight)):
+            if weight is not None and weight.requires_grad:
+                raise ValueError(f"gol_loss: {name} requires grad, but gol_loss differentiates "
+                                 f"only the logits; pass {name}.detach() (or compute the loss "
+                                 f"with the reference formulas in gumbel_kernels.reference)")
+
+
 def _clamp_bounds(clamp) -> Tuple[Optional[float], Optional[float]]:
     if clamp is None:
         return None, None
@@ -101,11 +116,33 @@ def _clamp_bounds(clamp) -> Tuple[Optional[float], Optional[float]]:
     return lo, hi
 
 
-def _seed_tensor(seed) -> torch.Tensor:
-    """The 64-bit Philox key as a one-element int64 CPU tensor (SPEC.md section 4)."""
+@torch.library.custom_op("gumbel::draw_seed", mutates_args=())
+def _draw_seed() -> torch.Tensor:
+    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces a run).
+    An op, opaque to torch.compile, so that compiled code draws from the same generator as eager
+    code (traced, torch.randint would become inductor's own random numbers)."""
+    return torch.randint(0, _INT64_MAX, (1,), dtype=torch.int64)
+
+
+@_draw_seed.register_fake
+def _draw_seed_fake() -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64)
+
+
+torch.fx.node.has_side_effect(torch.ops.gumbel.draw_seed.default)  # never merged or dropped
+
+
+def _seed_tensor(seed, logits: torch.Tensor) -> torch.Tensor:
+    """The 64-bit Philox key as a one-element int64 tensor (SPEC.md section 4): on the CPU, or
+    on the logits' CUDA device while a CUDA graph is captured with seed=None."""
     if seed is None:
-        # Drawn from the default CPU generator, so torch.manual_seed reproduces a run.
-        return torch.randint(0, _INT64_MAX, (1,), dtype=torch.int64)
+        if (logits.is_cuda and not torch.compiler.is_compiling()
+                and torch.cuda.is_current_stream_capturing()):
+            # Drawn by a kernel of the captured stream from torch's CUDA generator, whose
+            # graph-safe state (the mechanism of torch's own dropout) advances on every replay:
+            # each replay drops fresh elements. The kernels read the seed on the device.
+            return torch.randint(0, _INT64_MAX, (1,), dtype=torch.int64, device=logits.device)
+        return torch.ops.gumbel.draw_seed()
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.is_floating_point() or seed.dtype == torch.bool:
             raise ValueError(f"gol_loss: seed must be an int or a one-element integer tensor, got "
@@ -118,17 +155,23 @@ def _seed_tensor(seed) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64)
 
 
-def _prepare_python_backend_inputs(logits, labels, class_weight, row_weight, ignore_index,
-                                   check_labels: bool):
-    """The normalised inputs the Python backends expect (the C++ op normalises its own; the
-    reference checks its own labels, the Triton kernels rely on this check)."""
+def _prepare_python_backend_inputs(logits, labels, class_weight, row_weight):
+    """The normalised inputs the Python backends expect (the C++ ops normalise their own; the
+    reference and the Triton kernels check the labels themselves)."""
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     labels = labels.to(torch.int64).contiguous()
-    if check_labels:
-        reference.check_labels(labels, logits.shape[1], ignore_index)
     class_weight = None if class_weight is None else class_weight.to(math_dtype).contiguous()
     row_weight = None if row_weight is None else row_weight.to(math_dtype).contiguous()
     return logits.contiguous(), labels, class_weight, row_weight
+
+
+def refuse_double_backward(name: str) -> None:
+    """The saved gradient is a constant of the graph: a backward with create_graph=True would
+    return a first derivative whose own derivative is silently zero. (Compiled backward graphs
+    are traced with grad enabled; they are not double backward.)"""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported: the "
+                           "fused pass saves the gradient, not a differentiable graph of it")
 
 
 class _GOLLossFunction(torch.autograd.Function):
@@ -160,6 +203,7 @@ class _GOLLossFunction(torch.autograd.Function):
                                "disabled or logits.requires_grad=False)")
         if torch.compiler.is_compiling():
             return (grad * grad_loss,) + (None,) * 15
+        refuse_double_backward("gol_loss")
         if ctx.mutated:
             raise RuntimeError(
                 "gol_loss: backward ran twice through the same loss; the first backward scaled "
@@ -197,7 +241,8 @@ def gol_loss(logits: torch.Tensor, labels: torch.Tensor, drop_classes: Optional[
         seed, offset: the Philox stream of the DropLoss background drop. seed=None draws a seed
             from torch's default CPU generator; a given (seed, offset) drops the same elements on
             every backend.
-        backend: "auto", "cpu", "cuda", "triton" or "reference" (see gumbel_kernels.backends).
+        backend: "auto", "cpu", "cuda", "triton", "reference", or "cuda_emulated" (the CUDA
+            kernels' device code run on the CPU, a test backend; see gumbel_kernels.backends).
 
     Returns:
         The loss: a 0-dim float32 tensor (float64 for float64 logits) for "mean"/"sum", or an
@@ -205,13 +250,13 @@ def gol_loss(logits: torch.Tensor, labels: torch.Tensor, drop_classes: Optional[
     """
     _check_arguments(logits, labels, drop_classes, class_weight, row_weight, mode, activation,
                      reduction, grad_mode, ignore_index, offset, backend)
+    _check_differentiation(class_weight, row_weight)
     clamp_min, clamp_max = _clamp_bounds(clamp)
-    seed_tensor = _seed_tensor(seed)
+    seed_tensor = _seed_tensor(seed, logits)
     backend_name = backends.resolve(backend, logits.device.type)
     if backend_name in ("reference", "triton"):
         logits, labels, class_weight, row_weight = _prepare_python_backend_inputs(
-            logits, labels, class_weight, row_weight, ignore_index,
-            check_labels=backend_name == "triton" and not torch.compiler.is_compiling())
+            logits, labels, class_weight, row_weight)
     if drop_classes is not None:
         drop_classes = drop_classes.contiguous()
     need_grad = torch.is_grad_enabled() and logits.requires_grad

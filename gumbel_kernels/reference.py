@@ -42,7 +42,7 @@ def _mulhilo32(a: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_10(counter: Tuple[torch.Tensor, ...], key: Tuple[int, int]) -> Tuple[torch.Tensor, ...]:
     """Philox4x32-10 on int64 tensors holding uint32 words; returns the four output words."""
     c0, c1, c2, c3 = counter
-    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32  # ints or int64 tensors
     for round_index in range(PHILOX_ROUNDS):
         if round_index:
             k0 = (k0 + PHILOX_W0) & _MASK32
@@ -58,12 +58,22 @@ def _split64(value: int) -> Tuple[int, int]:
     return value & _MASK32, value >> 32
 
 
-def philox_uniform(num_rows: int, num_cols: int, seed: int, offset: int,
+def _seed_key(seed, device) -> Tuple:
+    """(lo32(seed), hi32(seed)): from an int, or, with no host read (so that torch.compile
+    traces it), from a one-element int64 tensor holding the seed's 64 bits."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+        return seed & _MASK32, (seed >> 32) & _MASK32
+    return _split64(seed)
+
+
+def philox_uniform(num_rows: int, num_cols: int, seed, offset: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The float32 uniforms u_ij of SPEC.md section 4 for an (N, C) matrix.
 
     Element e = i*C + j uses output word (e & 3) of the Philox call whose counter is
-    (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and whose key is the seed.
+    (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and whose key is the seed (an int
+    or a one-element int64 tensor).
     """
     total = num_rows * num_cols
     groups = (total + 3) // 4
@@ -71,15 +81,16 @@ def philox_uniform(num_rows: int, num_cols: int, seed: int, offset: int,
     off_lo, off_hi = _split64(offset)
     counter = (g & _MASK32, (g >> 32) & _MASK32,
                torch.full_like(g, off_lo), torch.full_like(g, off_hi))
-    words = torch.stack(philox4x32_10(counter, _split64(seed)), dim=1).reshape(-1)[:total]
+    words = torch.stack(philox4x32_10(counter, _seed_key(seed, device)), dim=1).reshape(-1)[:total]
     # The top 24 bits scaled by 2^-24 are exact in float32 and lie in [0, 1).
     return ((words >> 8).to(torch.float32) * (2.0 ** -24)).reshape(num_rows, num_cols)
 
 
 def count_rows(labels: torch.Tensor, num_classes: int, ignore_index: int,
                drop_classes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(#non-ignored rows, #foreground rows, #foreground rows whose class is a drop class)."""
-    valid = labels != ignore_index
+    """(#non-ignored rows, #foreground rows, #foreground rows whose class is a drop class); rows
+    with a bad label are not counted."""
+    valid = (labels != ignore_index) & ~bad_labels(labels, num_classes, ignore_index)
     foreground = valid & (labels >= 0) & (labels < num_classes)
     if drop_classes is None:
         fg_drop = torch.zeros((), dtype=torch.int64, device=labels.device)
@@ -97,9 +108,14 @@ def drop_ratio(fg_rows: torch.Tensor, fg_drop_rows: torch.Tensor) -> torch.Tenso
     return fg_drop_rows.to(torch.float32) / fg_rows.to(torch.float32)
 
 
+def bad_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The rows whose label is outside [0, C] and not ignore_index."""
+    return (labels != ignore_index) & ((labels < 0) | (labels > num_classes))
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ValueError naming the first label outside [0, C] that is not ignore_index."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels > num_classes))
+    bad = bad_labels(labels, num_classes, ignore_index)
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise ValueError(
@@ -151,7 +167,7 @@ def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
 
 def element_weights(labels: torch.Tensor, y: torch.Tensor, drop_classes: Optional[torch.Tensor],
                     class_weight: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
-                    mode: str, ignore_index: int, seed: int, offset: int,
+                    mode: str, ignore_index: int, seed, offset: int,
                     pos_weight: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(w, valid): the (N, C) weights of SPEC.md section 3 and the non-ignored row mask, given
@@ -200,16 +216,20 @@ def _weighted_terms(logits, labels, drop_classes, class_weight, row_weight, seed
     """(w * loss, w * d loss / d q, y, valid) in the math dtype, zero on ignored rows: the
     per-element terms of the summed loss."""
     num_classes = logits.shape[1]
-    check_labels(labels, num_classes, ignore_index)
+    if not torch.compiler.is_compiling():  # compiled: a bad label's row is NaN, as on CUDA
+        check_labels(labels, num_classes, ignore_index)
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     q = logits.to(math_dtype)
     y = one_hot_targets(labels, num_classes, ignore_index, math_dtype)
     loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
     w, valid = element_weights(labels, y, drop_classes, class_weight, row_weight, mode,
-                               ignore_index, int(seed.reshape(-1)[0]), offset, pos_weight)
+                               ignore_index, seed, offset, pos_weight)
+    bad = bad_labels(labels, num_classes, ignore_index)[:, None]
     rows = valid[:, None]
     zero = torch.zeros((), dtype=math_dtype, device=logits.device)
-    return torch.where(rows, w * loss, zero), torch.where(rows, w * grad, zero), y, valid
+    nan = torch.full((), math.nan, dtype=math_dtype, device=logits.device)
+    terms = [torch.where(bad, nan, torch.where(rows, w * value, zero)) for value in (loss, grad)]
+    return terms[0], terms[1], y, valid & ~bad[:, 0]
 
 
 def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
@@ -223,7 +243,7 @@ def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
         logits, labels, drop_classes, class_weight, row_weight, seed, offset, mode, activation,
         clamp_min, clamp_max, grad_mode, ignore_index)
     if reduction == "mean":
-        denominator = max(1, int(valid.sum()))
+        denominator = valid.sum().clamp(min=1)  # no host read: torch.compile traces it
         out = weighted_loss.sum() / denominator
         weighted_grad = weighted_grad / denominator
     elif reduction == "sum":
@@ -251,7 +271,7 @@ def gol_loss_class_stats_forward(logits, labels, drop_classes, class_weight, pos
     positive = y.to(torch.float64)
     pos_sums = (magnitude * positive).sum(dim=0)
     neg_sums = (magnitude * (1.0 - positive)).sum(dim=0)
-    denominator = max(1, int(valid.sum())) if reduction == "mean" else 1
+    denominator = valid.sum().clamp(min=1) if reduction == "mean" else 1
     out = weighted_loss.sum() / denominator
     grad_out = (weighted_grad / denominator).to(logits.dtype)
     return out, grad_out, pos_sums, neg_sums

@@ -40,7 +40,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_emulated"])
 @pytest.mark.parametrize("override, error, message", BAD_INPUTS)
 def test_bad_input_raises_naming_the_argument(backend, override, error, message):
     logits, labels, drop = batch()

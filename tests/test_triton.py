@@ -165,11 +165,12 @@ def test_drop_ratio_edges():
     check(logits, third, drop, reduction="mean", seed=2, ignore_index=-100)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "first_group", "offset_lo", "offset_hi"])
 def _uniforms_kernel(out_ptr, seed, first_group, offset_lo, offset_hi,
                      BLOCK_GROUPS: tl.constexpr):
     u = _philox_uniforms(seed, first_group, offset_lo, offset_hi, BLOCK_GROUPS)
-    tl.store(out_ptr + tl.arange(0, 4 * BLOCK_GROUPS), u)
+    flat = tl.arange(0, BLOCK_GROUPS)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    tl.store(out_ptr + flat, u)
 
 
 def test_philox_counters_beyond_32_bits():
@@ -193,6 +194,7 @@ def test_philox_known_answer():
     # Random123's known answer: counter 0, key 0 -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
     out = torch.empty(4, dtype=torch.float32, device=DEVICE)
     _uniforms_kernel[(1,)](out, 0, 0, 0, 0, BLOCK_GROUPS=1)
+    # (a [1, 4] block: the four words of one call)
     words = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     assert out.cpu().tolist() == [(w >> 8) * 2.0 ** -24 for w in words]
 
@@ -265,3 +267,164 @@ def test_through_the_public_api():
         results.append((loss.detach(), x.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, c", [(3, 1203), (2, 1024), (5, 1025), (4, 13204), (40, 63)])
+def test_tile_paths(n, c):
+    # C >= 1024 walks two-row tiles (a compare per element), C < 1024 divides; tiles straddle
+    # rows at every offset, and the last tile is partial.
+    logits, labels, drop = make_batch(n, c, seed=c, background=0.5)
+    for reduction in ("mean", "none"):
+        check(logits, labels, drop, seed=8, reduction=reduction)
+
+
+# Triton's exp compiles to ex2.approx of a rounded product; _exp carries the product's rounding
+# error, leaving ~3 ulp, i.e. t = exp(-q) off by up to 2^-21 relative: the dense-grid tolerance
+# is 1e-5 relative plus what a 2^-21 shift of q moves the float64 reference by (tests of the
+# compiled kernels: tests/test_gol_loss.py, with CUDA's 2-ulp expf).
+EXP_SHIFT = 2.0 ** -21
+
+
+@pytest.mark.parametrize("clamp", [(-4.0, 10.0), (-3.0, 27.0), (-4.5, 12.0), None],
+                         ids=["default-bounded", "custom-bounded", "series", "unclamped"])
+@pytest.mark.parametrize("grad_mode", ["reference", "exact"])
+def test_elements_match_float64_on_a_dense_grid(clamp, grad_mode):
+    q = torch.linspace(-6.0, 30.0, 3001)
+    q = torch.cat([q, torch.tensor([-4.0, 10.0, 27.0, -3.0, 12.0, -4.5, 0.0, -3.9, -3.4])])
+    logits = torch.stack([q, q.flip(0)]).to(DEVICE)
+    labels = torch.tensor([q.numel(), 5], device=DEVICE)
+    kw = dict(mode="bce", reduction="none", clamp=clamp, grad_mode=grad_mode)
+    ours = triton_gol.gol_loss_forward(*forward_args(logits, labels, None, **kw))
+    exact = reference.gol_loss_forward(*forward_args(logits.double(), labels, None, **kw))
+    shifted = [reference.gol_loss_forward(*forward_args(logits.double() + d, labels, None, **kw))
+               for d in (EXP_SHIFT, -EXP_SHIFT)]
+    for k, name in enumerate(("loss", "grad")):
+        spread = torch.maximum((shifted[0][k] - exact[k]).abs(), (shifted[1][k] - exact[k]).abs())
+        tolerance = 1e-5 * exact[k].abs() + spread + 1e-30
+        error = (ours[k].double() - exact[k]).abs()
+        worst = int(torch.argmax(error - tolerance))
+        assert bool((error <= tolerance).all()), (name, logits.reshape(-1)[worst].item(),
+                                                   ours[k].reshape(-1)[worst].item(),
+                                                   exact[k].reshape(-1)[worst].item())
+
+
+@pytest.mark.parametrize("grad_mode", ["reference", "exact"])
+def test_unclamped_very_negative_logits_and_tiny_float64_losses(grad_mode):
+    q = torch.tensor([[-88.0, -89.0, -200.0, -1e30], [-88.0, -89.0, -200.0, -1e30]], device=DEVICE)
+    labels = torch.tensor([4, 0], device=DEVICE)
+    (loss, grad), _ = check(q, labels, None, mode="bce", reduction="none", clamp=None,
+                            grad_mode=grad_mode)
+    assert bool(torch.isfinite(loss).all()) and bool((grad[0] == 0).all())
+    q64 = torch.tensor([[-3.6, -3.7, -3.9]], dtype=torch.float64, device=DEVICE)
+    (loss, _), _ = check(q64, torch.tensor([3], device=DEVICE), None, mode="bce",
+                         reduction="none", rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, torch.exp(-torch.exp(-q64)), rtol=1e-12, atol=0)
+
+
+def test_bad_labels_checked_on_the_device(monkeypatch):
+    logits, labels, drop = make_batch(6, 9, ignored=0.0)
+    bad = labels.clone()
+    bad[2] = 10 ** 6
+    bad[4] = -7
+    with pytest.raises(ValueError, match=r"labels\[2\] = 1000000"):
+        triton_gol.gol_loss_forward(*forward_args(logits, bad, drop))
+    # Unchecked (no host read): the bad rows are NaN, the others exact.
+    monkeypatch.setenv("GUMBEL_CUDA_CHECK_LABELS", "0")
+    loss, grad = triton_gol.gol_loss_forward(*forward_args(logits, bad, drop, reduction="none"))
+    good_loss, good_grad = triton_gol.gol_loss_forward(*forward_args(logits, labels, drop,
+                                                                     reduction="none"))
+    keep = torch.tensor([0, 1, 3, 5])
+    assert bool(torch.isnan(loss[[2, 4]]).all()) and bool(torch.isnan(grad[[2, 4]]).all())
+    assert torch.equal(loss[keep], good_loss[keep]) and torch.equal(grad[keep], good_grad[keep])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_match_the_reference(bad):
+    logits, labels, drop = make_batch(12, 9, background=0.5, drop_fraction=0.6)
+    for which, length in (("class_weight", 9), ("row_weight", 12)):
+        weight = torch.ones(length, device=DEVICE)
+        weight[3] = bad
+        ours, ref = both(logits, labels, drop, reduction="none", seed=3, **{which: weight})
+        for a, b in zip(ours, ref):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), which
+
+
+def test_seed_tensor_on_the_device_drops_the_same_elements():
+    logits, labels, drop = _drop_batch()
+    args = list(forward_args(logits, labels, drop, reduction="none", seed=12345, offset=9))
+    on_host = triton_gol.gol_loss_forward(*args)
+    args[5] = args[5].to(DEVICE)
+    on_device = triton_gol.gol_loss_forward(*args)
+    assert torch.equal(on_host[0], on_device[0])
+
+
+def test_registered_op_passes_opcheck():
+    # Under the interpreter AOT dispatch cannot run: the interpreter reads the data pointers of
+    # the fake tensors it traces with. Compiled (a GPU), every check runs.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not INTERPRETED:
+        checks += ("test_aot_dispatch_dynamic",)
+    logits, labels, drop = make_batch(5, 7)
+    for reduction in ("mean", "none"):
+        args = forward_args(logits.double().requires_grad_(), labels, drop, reduction=reduction)
+        torch.library.opcheck(torch.ops.gumbel_triton.gol_loss.default, args, test_utils=checks)
+
+
+def test_compiles_with_fullgraph_through_the_public_api():
+    gk = pytest.importorskip("gumbel_kernels")
+    logits, labels, drop = make_batch()
+
+    def step(x):
+        return gk.gol_loss(x, labels, drop, seed=3, backend="triton") * 2.0
+
+    # Dynamo captures the whole step either way (fullgraph); AOT tracing runs the kernels on
+    # fake tensors, which only the compiled (GPU) Triton can.
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True,
+                             backend="eager" if INTERPRETED else "aot_eager")
+    x1 = logits.clone().requires_grad_()
+    compiled(x1).backward()
+    x2 = logits.clone().requires_grad_()
+    step(x2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device():
+    # Logits on cuda:1 while cuda:0 is current: the kernels must run on cuda:1.
+    logits, labels, drop = [t.to("cuda:1") for t in make_batch()]
+    with torch.cuda.device(0):
+        ours = triton_gol.gol_loss_forward(*forward_args(logits, labels, drop, reduction="none"))
+        grad = ours[1].clone()
+        triton_gol.scale_grad_(grad, torch.tensor(2.0, device="cuda:1"))
+    ref = reference.gol_loss_forward(*forward_args(logits.cpu(), labels.cpu(), drop.cpu(),
+                                                   reduction="none"))
+    torch.testing.assert_close(ours[0].cpu(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu(), 2 * ref[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replays_draw_fresh_drops(backend):
+    # Captured with seed=None, every replay draws a new seed on the device (torch's CUDA
+    # generator advances per replay): the dropped elements differ between replays; nothing
+    # syncs with the host during the capture.
+    gk = pytest.importorskip("gumbel_kernels")
+    if backend == "cuda" and gk.backends.unavailable_reason("cuda", "cuda"):
+        pytest.skip(gk.backends.unavailable_reason("cuda", "cuda"))
+    logits, labels, drop = _drop_batch(64, 33)
+    static_out = torch.empty(64, 33, device=DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        gk.gol_loss(logits, labels, drop, reduction="none", backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(gk.gol_loss(logits, labels, drop, reduction="none", backend=backend))
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append((static_out[6:] == 0).clone())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])

@@ -76,7 +76,9 @@ struct Plan {
   std::vector<uint64_t> drop_bits;  // bit j: class j is a drop class (T_j = 1)
   std::vector<uint64_t> fg_nonzero_bits;  // bit j: fg_weight[j] != 0
   std::vector<uint64_t> nonzero_bits;     // bit j: class_weight[j] != 0
+  bool drops_foreground = false;  // eql/droploss: foreground rows drop drop-class negatives
   bool drop_background = false;   // DropLoss draws uniforms on background rows
+  bool nonfinite_class_weight = false;  // some class/positive weight is NaN or +-Inf
   float ratio = 0.0f;
   math_t inv_denominator = 1;
   double denominator = 1.0;  // reduction "mean": the non-ignored rows (at least 1)
@@ -96,6 +98,7 @@ Plan<math_t> make_plan(const GolInputs& in) {
 
   const LabelCounts counts = count_labels(plan.labels, plan.drop, p);
   const bool drops_foreground = p.mode != Mode::kBce && plan.drop != nullptr;
+  plan.drops_foreground = drops_foreground;
   plan.fg_weight.resize(c);
   plan.class_weight.resize(c);
   plan.positive_weight.resize(c);
@@ -115,6 +118,8 @@ Plan<math_t> make_plan(const GolInputs& in) {
     // A weight of 0 (NaN weights count as nonzero) makes an element's loss and gradient 0.
     if (!(plan.fg_weight[j] == math_t(0))) plan.fg_nonzero_bits[j >> 6] |= bit;
     if (!(class_w == math_t(0))) plan.nonzero_bits[j >> 6] |= bit;
+    plan.nonfinite_class_weight = plan.nonfinite_class_weight || !std::isfinite(class_w) ||
+                                  !std::isfinite(plan.positive_weight[j]);
   }
   if (p.mode == Mode::kDropLoss && any_drop_class && counts.foreground > 0) {
     plan.ratio = static_cast<float>(counts.foreground_drop) / static_cast<float>(counts.foreground);
@@ -336,6 +341,47 @@ double float_negatives(const Plan<float>& plan, const float* q, const float* wei
   return sum;
 }
 
+// A row whose weights are not all finite (a NaN/Inf class, positive or row weight), element by
+// element in the reference's order: w = (0 if dropped else 1) * class_weight * row_weight, then
+// w * loss and w * grad, so that 0 * Inf and 0 * NaN give NaN where the reference does (the
+// packed path never multiplies a skipped element). Rare: no vectors. Returns the loss sum.
+template <typename math_t, Path kPath>
+double exact_weights_row(const Plan<math_t>& plan, const math_t* q, const uint64_t* dropped,
+                         int64_t row, math_t* g, math_t* l) {
+  using Math = ElementMath<ScalarOps<math_t>>;
+  const GolParams& p = plan.p;
+  const int64_t c = p.num_classes;
+  const int64_t label = plan.labels[row];
+  const bool foreground = label < c;
+  const math_t row_w = plan.row_weight ? plan.row_weight[row] : math_t(1);
+  const math_t lo = p.clamp_min, hi = p.clamp_max;
+  double sum = 0.0;
+  for (int64_t j = 0; j < c; ++j) {
+    const bool positive = j == label;
+    const bool is_drop = plan.drop != nullptr && plan.drop[j];
+    const bool zeroed = !positive && is_drop &&
+                        (foreground ? plan.drops_foreground
+                                    : dropped != nullptr && ((dropped[j >> 6] >> (j & 63)) & 1));
+    const math_t class_w = positive ? plan.positive_weight[j] : plan.class_weight[j];
+    const math_t w = (zeroed ? math_t(0) : math_t(1)) * class_w * row_w;
+    math_t el, eg;
+    if constexpr (kPath == Path::kSigmoid) {
+      Math::sigmoid(q[j], positive, &el, &eg);
+    } else if (positive) {
+      Math::gumbel_positive(Math::gumbel(q[j], lo, hi), p.grad_mode, &el, &eg);
+    } else if constexpr (std::is_same_v<math_t, float>) {
+      Math::gumbel_negative_series(q[j], lo, hi, p.grad_mode, &el, &eg);
+    } else {
+      Math::gumbel_negative(Math::gumbel(q[j], lo, hi), p.grad_mode, &el, &eg);
+    }
+    const math_t weighted = w * el;
+    sum += static_cast<double>(weighted);
+    if (g != nullptr) g[j] = w * eg * plan.inv_denominator;
+    if (l != nullptr) l[j] = weighted;
+  }
+  return sum;
+}
+
 // One row: loss sum (times its row weight) returned; grad / loss rows written.
 // Per-class sums of |gradient| of one task's rows (gol_loss_class_stats), before the final
 // scaling: positive and negative elements apart.
@@ -398,7 +444,10 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
   }
 
   double sum;
-  if constexpr (std::is_same_v<math_t, double>) {
+  const bool exact_weights = plan.nonfinite_class_weight || !std::isfinite(row_w);
+  if (exact_weights) {
+    sum = exact_weights_row<math_t, kPath>(plan, q, dropped, row, g, l);
+  } else if constexpr (std::is_same_v<math_t, double>) {
     sum = negatives_double<kGumbel>(p, q, weights, dropped, g, l, 0, foreground ? label : c,
                                     grad_scale, loss_scale);
     if (foreground) {
@@ -413,15 +462,8 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     for (int64_t w = 0; w < words; ++w) kept[w] = dropped ? nonzero[w] & ~dropped[w] : nonzero[w];
     if (foreground) kept[label >> 6] &= ~(uint64_t(1) << (label & 63));
     sum = float_negatives<kPath>(plan, q, weights, kept, g, l, grad_scale, loss_scale, scratch);
-    if (!std::isfinite(row_w)) {
-      // The skipped lanes got 0: a NaN/Inf row weight must surface in all of them, as w * d *
-      // row_w does in the other backends.
-      const math_t nan = std::numeric_limits<math_t>::quiet_NaN();
-      if (g != nullptr) std::fill(g, g + c, nan);
-      if (l != nullptr) std::fill(l, l + c, nan);
-    }
   }
-  if (foreground) {
+  if (foreground && !exact_weights) {
     // Written after the negatives, which gave its lane 0.
     math_t d;
     const math_t lpos = positive_element<math_t, kGumbel>(p, q[label], &d);
@@ -437,7 +479,7 @@ double process_row(const Plan<math_t>& plan, const scalar_t* logits_row, scalar_
     if (grad_row != nullptr) at::vec::convert(g, grad_row, c);
     if (loss_row != nullptr) at::vec::convert(l, loss_row, c);
   }
-  return sum * static_cast<double>(row_w);
+  return exact_weights ? sum : sum * static_cast<double>(row_w);
 }
 
 // The class statistics' rows per task: fixed, so their partials (and the sums) do not depend

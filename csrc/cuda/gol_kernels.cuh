@@ -248,13 +248,14 @@ __global__ void __launch_bounds__(kThreads) gol_loss_kernel(
             math_t w = class_weight != nullptr ? class_weight[j] : math_t(1);
             if (!positive && (drops_foreground || drop_background) && drop[j] &&
                 call.drops(label < c, [&] { return uniform_from_bits(bits.w[k]); })) {
-              w = math_t(0);
+              w = math_t(0) * w;  // NaN/Inf weights stay visible, as in the reference
             }
-            const math_t rw = row_weight != nullptr ? row_weight[row] : math_t(1);
+            // The reference's order: (drop * class weight * row weight) * element term.
+            w = w * (row_weight != nullptr ? row_weight[row] : math_t(1));
             math_t el, eg;
             element_loss_grad<math_t>(p, to_math(in.v[k]), positive, &el, &eg);
-            l = w * el * rw;
-            d = w * eg * (rw * inv_denominator);
+            l = w * el;
+            d = w * eg * inv_denominator;
           }
         }
         sum += static_cast<double>(l);
@@ -348,13 +349,13 @@ __global__ void __launch_bounds__(kThreads) gol_loss_class_stats_kernel(
           if (!positive && drop_class && call.drops(label < c, [&] {
                 return uniform_from_bits(philox_group(e >> 2, key).w[e & 3]);
               })) {
-            w = math_t(0);
+            w = math_t(0) * w;  // NaN/Inf weights stay visible, as in the reference
           }
-          const math_t rw = row_weight != nullptr ? row_weight[row] : math_t(1);
+          w = w * (row_weight != nullptr ? row_weight[row] : math_t(1));
           math_t el, eg;
           element_loss_grad<math_t>(p, to_math(logits[e]), positive, &el, &eg);
-          l = w * el * rw;
-          g = w * eg * rw;  // of the summed loss
+          l = w * el;
+          g = w * eg;  // of the summed loss
           (positive ? pos_sum : neg_sum) += fabs(static_cast<double>(g));
         }
       }
