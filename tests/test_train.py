@@ -93,19 +93,14 @@ def _lvis_v1_coco_root(root):
 
 
 @pytest.fixture()
-def lvis_layout_config(tmp_path):
+def lvis_layout_config(tiny_config, tmp_path):
+    """The tiny config on the LVIS layout, with the official recipe's model switches."""
     root = tmp_path / "coco"
     _lvis_v1_coco_root(root)
     config = tmp_path / "layout.yaml"
     config.write_text(f"""
-_base_: {ROOT / 'configs' / 'demo_cpu.yaml'}
+_base_: {tiny_config}
 model:
-  min_size: [64]
-  max_size: 80
-  box_batch_size_per_image: 16
-  rpn_pre_nms_top_n: [50, 30]
-  rpn_post_nms_top_n: [30, 20]
-  detections_per_img: 20
   roi_sampling_ratio: 0
   roi_aligned: true
   box_loss: l1
@@ -118,8 +113,6 @@ data:
   val_json: annotations/lvis_v1_val.json
   train_images: .
   val_images: .
-eval:
-  max_dets: 20
 """)
     return config, root
 
