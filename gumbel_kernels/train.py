@@ -2,7 +2,7 @@
 
     python -m gumbel_kernels.train --config configs/demo_cpu.yaml --out runs/demo
     torchrun --nproc_per_node=8 -m gumbel_kernels.train --config configs/r50_2x_gol.yaml \
-        --data-root data/lvis --device cuda
+        --data-root data/coco --device cuda
     python -m gumbel_kernels.train --config ... --eval-only --checkpoint runs/x/checkpoint.pt
 
 Writes OUT/log.jsonl (one line per iteration), OUT/checkpoint.pt (atomically, every
