@@ -19,17 +19,22 @@ from .functional import DEFAULT_CLAMP, DEFAULT_LAMBDA, drop_classes_from_frequen
 
 
 class FusedGOLLoss(nn.Module):
-    """gumbel_kernels.gol_loss with fixed settings, over a 1203-way (C-way) head.
+    """gumbel_kernels.gol_loss with fixed settings, over a 1203-way (C-way) head, or a
+    (C+1)-way one with `background_logit=True`: its last column is background, the positive
+    of background rows (label C), as mmdetection's BCE heads without custom channels train it.
 
     Args:
         drop_classes: (C,) bool mask of the rare classes (None: nothing dropped).
         mode, activation, clamp, grad_mode, backend: as in gumbel_kernels.gol_loss.
+        background_logit: the head has a background column (num_logits(C) = C + 1).
     """
 
     def __init__(self, drop_classes: Optional[torch.Tensor] = None, *, mode: str = "droploss",
                  activation: str = "gumbel", clamp: Optional[Tuple] = DEFAULT_CLAMP,
-                 grad_mode: str = "reference", backend: str = "auto"):
+                 grad_mode: str = "reference", backend: str = "auto",
+                 background_logit: bool = False):
         super().__init__()
+        self.background_logit = bool(background_logit)
         if drop_classes is not None:
             drop_classes = torch.as_tensor(drop_classes, dtype=torch.bool)
         self.register_buffer("drop_classes", drop_classes, persistent=False)
@@ -40,7 +45,7 @@ class FusedGOLLoss(nn.Module):
         self.backend = backend
 
     def num_logits(self, num_classes: int) -> int:
-        return num_classes
+        return num_classes + 1 if self.background_logit else num_classes
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
                 class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -51,7 +56,8 @@ class FusedGOLLoss(nn.Module):
     def extra_repr(self) -> str:
         dropped = 0 if self.drop_classes is None else int(self.drop_classes.sum())
         return (f"mode={self.mode!r}, activation={self.activation!r}, clamp={self.clamp}, "
-                f"grad_mode={self.grad_mode!r}, drop_classes={dropped}")
+                f"grad_mode={self.grad_mode!r}, drop_classes={dropped}, "
+                f"background_logit={self.background_logit}")
 
 
 def _drop_classes(image_counts, num_images, lambda_) -> torch.Tensor:
@@ -66,8 +72,9 @@ class GOLLoss(FusedGOLLoss):
 
     Args:
         image_counts: (C,) number of training images per class (LVIS `image_count`).
-        num_images: number of training images.
-        lambda_: rare-class frequency threshold (0.0011 for LVIS v1).
+        num_images: the denominator of the frequencies: the training images with annotations,
+            as GOL's official frequencies (99,388 on LVIS v1: 815 rare classes at 0.0011).
+        lambda_: rare-class frequency threshold (0.0011 for LVIS v1, 0.00177 for v0.5).
     """
 
     def __init__(self, image_counts: Sequence[int], num_images: int,
@@ -102,6 +109,16 @@ class SigmoidBCELoss(FusedGOLLoss):
         super().__init__(None, mode="bce", activation="sigmoid", **kwargs)
 
 
+class SigmoidCELoss(FusedGOLLoss):
+    """The official Sigmoid baseline (GOL Table 1; mmdetection's CrossEntropyLoss with
+    use_sigmoid=True): sigmoid BCE over a (C+1)-way head whose last column is background, the
+    positive of background rows. mmdetection 2.21 scores this head with a softmax over all
+    C + 1 outputs (model.score_activation: softmax); the paper describes sigmoid scores."""
+
+    def __init__(self, **kwargs):
+        super().__init__(None, mode="bce", activation="sigmoid", background_logit=True, **kwargs)
+
+
 class GumbelBCELoss(FusedGOLLoss):
     """Gumbel activation with plain binary cross-entropy over a C-way head (paper Table 1)."""
 
@@ -113,13 +130,23 @@ class GumbelCELoss(FusedGOLLoss):
     """GOL's GumbelCE: a (C+1)-way head whose last column is background, trained with Gumbel BCE.
 
     Labels keep the C = background convention: label C is the positive of the background column.
+    As the official GumbelCE, the reduced loss is clamped to `loss_clamp` ([0, 20]; None: no
+    clamp), so a batch whose mean loss exceeds 20 contributes no gradient.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(None, mode="bce", activation="gumbel", **kwargs)
+    def __init__(self, *, loss_clamp: Optional[Tuple[float, float]] = (0.0, 20.0), **kwargs):
+        super().__init__(None, mode="bce", activation="gumbel", background_logit=True, **kwargs)
+        if loss_clamp is not None and (len(loss_clamp) != 2 or loss_clamp[0] > loss_clamp[1]):
+            raise ValueError(f"GumbelCELoss: loss_clamp must be (low, high) with low <= high, "
+                             f"got {loss_clamp!r}")
+        self.loss_clamp = None if loss_clamp is None else tuple(float(v) for v in loss_clamp)
 
-    def num_logits(self, num_classes: int) -> int:
-        return num_classes + 1
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
+                class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        loss = super().forward(logits, labels, class_weight=class_weight)
+        if self.loss_clamp is None:
+            return loss
+        return loss.clamp(*self.loss_clamp)  # clamp's gradient is 0 outside [low, high]
 
 
 class SoftmaxCELoss(nn.Module):
@@ -134,7 +161,7 @@ class SoftmaxCELoss(nn.Module):
         return F.cross_entropy(logits.float(), labels)
 
 
-LOSS_NAMES = ("softmax", "sigmoid", "gumbel", "eql", "droploss", "gol", "gumbel_ce",
+LOSS_NAMES = ("softmax", "sigmoid", "sigmoid_ce", "gumbel", "eql", "droploss", "gol", "gumbel_ce",
               "federated", "federated_gumbel", "eqlv2", "eqlv2_gumbel")
 
 
@@ -143,8 +170,9 @@ def build_classification_loss(name: str, image_counts: Optional[Sequence[int]] =
     """The classification loss of a config by name (see LOSS_NAMES).
 
     "gol" is Gumbel + DropLoss, "droploss" and "eql" are the sigmoid methods, "gumbel" is Gumbel
-    BCE, "gumbel_ce" the (C+1)-way GumbelCE; "eql", "droploss" and "gol" need the class
-    frequencies (image_counts, num_images) and accept lambda_.
+    BCE, "gumbel_ce" the (C+1)-way GumbelCE, "sigmoid" sigmoid BCE over C logits and
+    "sigmoid_ce" over C + 1 (the official Sigmoid baseline); "eql", "droploss" and "gol" need
+    the class frequencies (image_counts, num_images) and accept lambda_.
     "federated"/"federated_gumbel" (Federated Loss, sigmoid/Gumbel) need image_counts;
     "eqlv2"/"eqlv2_gumbel" (EQLv2, sigmoid/Gumbel) take num_classes (default len(image_counts)).
     """
@@ -152,6 +180,8 @@ def build_classification_loss(name: str, image_counts: Optional[Sequence[int]] =
         return SoftmaxCELoss()
     if name == "sigmoid":
         return SigmoidBCELoss(**kwargs)
+    if name == "sigmoid_ce":
+        return SigmoidCELoss(**kwargs)
     if name == "gumbel":
         return GumbelBCELoss(**kwargs)
     if name == "gumbel_ce":

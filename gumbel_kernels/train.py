@@ -2,7 +2,7 @@
 
     python -m gumbel_kernels.train --config configs/demo_cpu.yaml --out runs/demo
     torchrun --nproc_per_node=8 -m gumbel_kernels.train --config configs/r50_2x_gol.yaml \
-        --data-root data/lvis --device cuda
+        --data-root data/coco --device cuda
     python -m gumbel_kernels.train --config ... --eval-only --checkpoint runs/x/checkpoint.pt
 
 Writes OUT/log.jsonl (one line per iteration), OUT/checkpoint.pt (atomically, every
@@ -51,9 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--max-iters", type=int, help="stop after this many iterations")
     length.add_argument("--epochs", type=int, help="train this many epochs (schedule scaled)")
-    parser.add_argument("--method", help="softmax | sigmoid | gumbel | eql | droploss | gol | "
-                        "gumbel_ce | federated[_gumbel] | eqlv2[_gumbel]; gol also sets RFS, the "
-                        "normalized mask head and NMS 0.3")
+    parser.add_argument("--method", help="softmax | sigmoid | sigmoid_ce | gumbel | eql | "
+                        "droploss | gol | gumbel_ce | federated[_gumbel] | eqlv2[_gumbel]; gol "
+                        "also sets RFS, the normalized mask head and NMS 0.3")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint")
@@ -105,7 +105,7 @@ def prepare_data(cfg: dict) -> dict:
         images = os.path.join(root, "images")
         return {"train_json": train_json, "val_json": os.path.join(root, "val.json"),
                 "train_images": images, "val_images": images}
-    paths = {key: os.path.join(root, data[key])
+    paths = {key: os.path.normpath(os.path.join(root, data[key]))
              for key in ("train_json", "val_json", "train_images", "val_images")}
     for key, path in paths.items():
         if not os.path.exists(path):
@@ -115,12 +115,14 @@ def prepare_data(cfg: dict) -> dict:
 
 
 def build_loss(cfg: dict, train_set: LVISDataset):
-    method = dict(cfg["method"])
+    """The config's classification loss; its class frequencies count the training images with
+    annotations (GOL's official denominator). `method` keys left null take the loss's default."""
+    method = {key: value for key, value in cfg["method"].items() if value is not None}
     name = method.pop("loss")
     if name not in FREQUENCY_LOSSES:
         method.pop("lambda_", None)
-    return build_classification_loss(name, train_set.image_counts.tolist(), train_set.num_images,
-                                     **method)
+    return build_classification_loss(name, train_set.image_counts.tolist(),
+                                     train_set.num_images_with_annotations, **method)
 
 
 def _seed_everything(seed: int) -> None:
@@ -147,9 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             json.dump(cfg, f, indent=2)
 
     paths = prepare_data(cfg)
+    mask_format = "polygon" if cfg["model"]["mask_target"] == "polygon" else "bitmap"
     train_set = LVISDataset(paths["train_json"], paths["train_images"],
-                            transforms=build_transforms(True, cfg["data"]["flip_prob"]))
-    val_set = LVISDataset(paths["val_json"], paths["val_images"])
+                            transforms=build_transforms(True, cfg["data"]["flip_prob"]),
+                            filter_empty=bool(cfg["data"]["filter_empty"]),
+                            mask_format=mask_format)
+    val_set = LVISDataset(paths["val_json"], paths["val_images"], with_masks=False)
+    # Every image the run will read is looked up now, before the model is built.
+    for needed, dataset in ((not args.eval_only, train_set), (not args.no_eval, val_set)):
+        if needed:
+            dataset.check_image_files()
     loss = build_loss(cfg, train_set)
     model = build_model(cfg["model"], train_set.num_classes, loss).to(device)
     log.info("%s: %d classes, %d training images, loss %s", args.config, train_set.num_classes,

@@ -215,6 +215,75 @@ def test_dataset_coco_url_two_part_layout(tmp_path):
     assert len(LVISDataset(tmp_path / "v1.json", tmp_path / "coco", filter_empty=True)) == 0
 
 
+def _coco_root_with_lvis_v1_val(tmp_path):
+    """A COCO root as LVIS v1 val uses it: two images from train2017/, one from val2017/."""
+    root = tmp_path / "coco"
+    images = []
+    for image_id, folder in ((1, "train2017"), (2, "val2017"), (3, "train2017")):
+        name = f"{image_id:012d}.png"
+        _tiny_image(root / folder, name)
+        images.append({"id": image_id, "height": 20, "width": 30,
+                       "coco_url": f"http://images.cocodataset.org/{folder}/{name}"})
+    data = {"images": images, "categories": [{"id": 1, "image_count": 2, "frequency": "r"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]}
+    return _write_json(tmp_path / "lvis_v1_val.json", data), root
+
+
+def test_lvis_v1_images_follow_coco_url_into_both_coco_folders(tmp_path):
+    ann_file, root = _coco_root_with_lvis_v1_val(tmp_path)
+    ds = LVISDataset(ann_file, root, with_masks=False)
+    ds.check_image_files()
+    assert [os.path.relpath(ds.image_path(i), root) for i in range(3)] == [
+        os.path.join("train2017", "000000000001.png"), os.path.join("val2017", "000000000002.png"),
+        os.path.join("train2017", "000000000003.png")]
+    assert ds[2][0].shape == (3, 20, 30)
+
+
+def test_a_missing_image_fails_at_the_check_naming_json_id_and_paths(tmp_path):
+    ann_file, root = _coco_root_with_lvis_v1_val(tmp_path)
+    os.remove(root / "train2017" / "000000000003.png")
+    ds = LVISDataset(ann_file, root, with_masks=False)
+    with pytest.raises(FileNotFoundError) as info:
+        ds.check_image_files()
+    message = str(info.value)
+    assert "lvis_v1_val.json" in message and "image id 3 " in message, message
+    for tried in (root / "train2017" / "000000000003.png", root / "000000000003.png"):
+        assert str(tried) in message, message
+    assert "1 of 3 images" in message
+    # The old layout, image_root = root/val2017, misses the train2017 images.
+    with pytest.raises(FileNotFoundError, match="2 of 3 images"):
+        LVISDataset(ann_file, root / "val2017", with_masks=False).check_image_files()
+
+
+def test_frequency_denominator_counts_images_with_annotations(tmp_path):
+    ann_file, root = _coco_root_with_lvis_v1_val(tmp_path)
+    ds = LVISDataset(ann_file, root)
+    assert ds.num_images == 3 and ds.num_images_with_annotations == 1
+    assert len(LVISDataset(ann_file, root, filter_empty=True)) == 1
+
+
+def test_polygon_targets_flip_and_resize(tmp_path):
+    from gumbel_kernels.data.transforms import flip_polygon_entry, resize_polygon_entry
+    ann_file, root, square = _v05_file(tmp_path)
+    ds = LVISDataset(ann_file, root, mask_format="polygon")
+    image, target = ds[0]
+    assert "masks" not in target and len(target["polygons"]) == 1
+    np.testing.assert_array_equal(target["polygons"][0][0], [10, 4, 20, 4, 20, 12, 10, 12])
+    _, mirrored = RandomHorizontalFlip(1.0)(image, target)
+    np.testing.assert_array_equal(mirrored["polygons"][0][0], [20, 4, 10, 4, 10, 12, 20, 12])
+    _, target = ds[1]  # RLE instances stay bitmaps
+    assert torch.equal(target["polygons"][0], torch.from_numpy(square))
+    flipped = flip_polygon_entry([np.array([10.0, 4, 20, 4, 20, 12])], 30)
+    np.testing.assert_array_equal(flipped[0], [20, 4, 10, 4, 10, 12])
+    assert torch.equal(flip_polygon_entry(torch.from_numpy(square), 30),
+                       torch.from_numpy(square[:, ::-1].copy()))
+    resized = resize_polygon_entry([np.array([10.0, 4, 20, 4, 20, 12])], (20, 30), (40, 45))
+    np.testing.assert_allclose(resized[0], [15, 8, 30, 8, 30, 24])
+    assert resize_polygon_entry(torch.from_numpy(square), (20, 30), (40, 60)).sum() == 4 * square.sum()
+    with pytest.raises(ValueError, match="mask_format"):
+        LVISDataset(ann_file, root, mask_format="rle")
+
+
 @pytest.mark.parametrize("corrupt, field", [
     (lambda d: d.pop("annotations"), "'annotations'"),
     (lambda d: d["annotations"][1].update(category_id=999), "annotations[1].category_id=999"),

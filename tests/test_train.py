@@ -1,13 +1,16 @@
 """The training CLI end to end on a tiny generated dataset: metrics, exact resume, atomic
-checkpoints and a 2-process gloo DDP run."""
+checkpoints and a 2-process gloo DDP run; and on the real LVIS v1 image layout (val images in
+both COCO folders), whose image check fails before the model is built."""
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gumbel_kernels import train as train_cli
 from gumbel_kernels.engine.checkpoint import save_checkpoint
@@ -61,6 +64,81 @@ def test_demo_config_end_to_end(tiny_config, tmp_path):
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     assert len(losses(tmp_path)) == 2
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def _lvis_v1_coco_root(root):
+    """A COCO root in the real LVIS v1 layout: annotations/lvis_v1_{train,val}.json, train
+    images in train2017/, val images in *both* train2017/ and val2017/ (as LVIS v1 val)."""
+    splits = {"train": [(1, "train2017"), (2, "train2017")],
+              "val": [(3, "train2017"), (4, "val2017"), (5, "train2017")]}
+    os.makedirs(root / "annotations")
+    for split, images in splits.items():
+        records, annotations = [], []
+        for image_id, folder in images:
+            name = f"{image_id:012d}.png"
+            os.makedirs(root / folder, exist_ok=True)
+            pixels = np.zeros((64, 64, 3), np.uint8)
+            pixels[16:48, 8:40] = (200, 40, 40)
+            Image.fromarray(pixels).save(root / folder / name)
+            records.append({"id": image_id, "height": 64, "width": 64,
+                            "coco_url": f"http://images.cocodataset.org/{folder}/{name}"})
+            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1,
+                                "bbox": [8, 16, 32, 32], "area": 1024,
+                                "segmentation": [[8, 16, 40, 16, 40, 48, 8, 48]]})
+        data = {"images": records, "annotations": annotations,
+                "categories": [{"id": 1, "name": "box", "image_count": 2, "frequency": "r"},
+                               {"id": 2, "name": "none", "image_count": 0, "frequency": "r"}]}
+        with open(root / "annotations" / f"lvis_v1_{split}.json", "w") as f:
+            json.dump(data, f)
+
+
+@pytest.fixture()
+def lvis_layout_config(tiny_config, tmp_path):
+    """The tiny config on the LVIS layout, with the official recipe's model switches."""
+    root = tmp_path / "coco"
+    _lvis_v1_coco_root(root)
+    config = tmp_path / "layout.yaml"
+    config.write_text(f"""
+_base_: {tiny_config}
+model:
+  roi_sampling_ratio: 0
+  roi_aligned: true
+  box_loss: l1
+  mask_target: polygon
+  mask_paste: grid_sample
+data:
+  root: {root}
+  synthetic: null
+  train_json: annotations/lvis_v1_train.json
+  val_json: annotations/lvis_v1_val.json
+  train_images: .
+  val_images: .
+""")
+    return config, root
+
+
+def test_real_lvis_v1_layout_trains_and_evaluates(lvis_layout_config, tmp_path):
+    config, _ = lvis_layout_config
+    metrics = train_cli.main(["--config", str(config), "--out", str(tmp_path / "run"),
+                              "--max-iters", "1", "--no-progress"])
+    assert set(metrics) >= {"AP", "APb"}
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert {r["image_id"] for r in results} <= {3, 4, 5}
+
+
+def test_a_missing_val_image_fails_before_the_model_is_built(lvis_layout_config, monkeypatch):
+    config, root = lvis_layout_config
+    os.remove(root / "train2017" / "000000000005.png")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the image check")
+
+    monkeypatch.setattr(train_cli, "build_model", no_model)
+    with pytest.raises(FileNotFoundError) as info:
+        train_cli.main(["--config", str(config), "--out", str(root / "run"), "--no-progress"])
+    message = str(info.value)
+    assert "lvis_v1_val.json" in message and "image id 5 " in message
+    assert str(root / "train2017" / "000000000005.png") in message
 
 
 def test_resume_gives_the_same_next_step(tiny_config, tmp_path):

@@ -7,14 +7,25 @@ category id") instead of deep inside a data-loader worker.
 Conventions (what the rest of the harness relies on):
 - Categories are sorted by LVIS id and mapped to contiguous indices 0..C-1 (`cat_ids[k]` is the
   LVIS id of class k). Targets carry contiguous labels; background is *not* a label here.
-- Image file: v1 files name it by `coco_url` (".../train2017/000000391895.jpg"), v0.5 and
-  COCO-style files by `file_name` (preferred when present; "COCO_val2014_<12 digits>.jpg" is
-  also tried under its 2017 name, as detectron2 does). Each is looked up as
-  `image_root/<last part>`, then `image_root/<last two parts>` (detectron2's layout,
-  image_root = the COCO root folder).
-- `num_images` is the number of images in the file: the denominator of the category
-  frequencies (GOL's f_c = image_count_c / num_images). `len(dataset)` is the number of items,
-  smaller only with `filter_empty=True`.
+- Image file: `image_root` is the COCO root (the folder holding train2017/ and val2017/).
+  The path follows `coco_url`'s folder: ".../train2017/000000391895.jpg" is
+  `image_root/train2017/000000391895.jpg` -- LVIS v1 val takes most of its images from COCO
+  *train2017*, so a split is not a folder. Then `image_root/<name>` (a flat folder), then
+  `file_name` (v0.5 and COCO-style files) the same two ways; a COCO-2014 style
+  "COCO_val2014_<12 digits>.jpg" is also tried under its 2017 name in image_root, train2017/
+  and val2017/ (detectron2's rule). `check_image_files()` resolves every item's path once, at
+  start-up, and fails naming the json, the image id and every path it tried.
+- `num_images` is the number of images in the file; `num_images_with_annotations` the number
+  with at least one annotation: the denominator of the category frequencies of GOL's official
+  DropLoss/EQL (f_c = image_count_c / 99,388 on LVIS v1 train, giving 815 rare classes at
+  lambda 0.0011) and of mmdetection's repeat-factor sampling (which counts the images left
+  after `filter_empty`). `len(dataset)` is the number of items, smaller only with
+  `filter_empty=True`.
+- Masks: `mask_format="bitmap"` gives `masks` uint8 (K, H, W); `"polygon"` gives `polygons`,
+  one entry per instance: its polygons as float64 numpy arrays [x0, y0, x1, y1, ...] in image
+  pixels (the box itself when the annotation has no segmentation), or, for an RLE
+  annotation, its decoded uint8 (H, W) tensor -- mmdetection's PolygonMasks, which the
+  polygon mask targets of `gumbel_kernels.detection` rasterise per RoI.
 - Boxes are clipped to the image; annotations whose box then has no area, and crowd
   annotations (`iscrowd=1`, COCO-style files only; LVIS has none), are left out of the target.
 """
@@ -31,7 +42,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-__all__ = ["LVISDataset", "collate_fn", "frequency_from_image_count"]
+__all__ = ["LVISDataset", "MASK_FORMATS", "collate_fn", "frequency_from_image_count"]
+
+MASK_FORMATS = ("bitmap", "polygon")
 
 
 def frequency_from_image_count(image_count: int) -> str:
@@ -178,20 +191,27 @@ class LVISDataset(torch.utils.data.Dataset):
         image_root: folder holding the images (see the module docstring for the lookup).
         transforms: callable (image, target) -> (image, target), e.g. from
             `gumbel_kernels.data.transforms.build_transforms`.
-        filter_empty: leave out images with no usable annotation (for training).
-        with_masks: build `masks` targets (False skips mask decoding for box-only models).
+        filter_empty: leave out images with no usable annotation (for training; mmdetection's
+            filter_empty_gt).
+        with_masks: build mask targets (False skips them, e.g. for evaluation).
+        mask_format: "bitmap" (`masks`) or "polygon" (`polygons`), see the module docstring.
 
     Item i is `(image, target)`: image float32 (3, H, W) in [0, 1]; target has `boxes` float32
-    (K, 4) xyxy in pixels, `labels` int64 contiguous class indices, `masks` uint8 (K, H, W),
-    `image_id` int (LVIS id), `orig_size` int64 tensor (H, W).
+    (K, 4) xyxy in pixels, `labels` int64 contiguous class indices, `masks` uint8 (K, H, W) or
+    `polygons`, `image_id` int (LVIS id), `orig_size` int64 tensor (H, W).
     """
 
     def __init__(self, ann_file, image_root, transforms: Optional[Callable] = None, *,
-                 filter_empty: bool = False, with_masks: bool = True):
+                 filter_empty: bool = False, with_masks: bool = True,
+                 mask_format: str = "bitmap"):
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format={mask_format!r} must be one of {MASK_FORMATS}")
         self.ann_file = os.fspath(ann_file)
         self.image_root = os.fspath(image_root)
         self.transforms = transforms
         self.with_masks = with_masks
+        self.mask_format = mask_format
+        self._paths: Optional[list] = None
         name = self.ann_file
         try:
             with open(self.ann_file) as f:
@@ -212,8 +232,10 @@ class LVISDataset(torch.utils.data.Dataset):
         # Per image: list of (contiguous label, xywh box, segmentation or None), validated.
         per_image = defaultdict(list)
         images_with_class = [set() for _ in range(self.num_classes)]
+        annotated = set()
         for i, ann in enumerate(data["annotations"]):
             check.annotation(i, ann, img_index, cat_index, data["images"])
+            annotated.add(ann["image_id"])
             if ann.get("iscrowd", 0):
                 continue
             label = self._contiguous[ann["category_id"]]
@@ -222,6 +244,7 @@ class LVISDataset(torch.utils.data.Dataset):
 
         self.images = sorted(data["images"], key=lambda im: im["id"])
         self.num_images = len(self.images)
+        self.num_images_with_annotations = len(annotated)
         counted = [len(s) for s in images_with_class]
         if self.categories and all("image_count" in c for c in self.categories):
             counts = [c["image_count"] for c in self.categories]
@@ -252,31 +275,64 @@ class LVISDataset(torch.utils.data.Dataset):
         """Contiguous class indices annotated in item i (no image is read; used by RFS)."""
         return {label for label, _, _ in self._anns[i]}
 
-    def image_path(self, i: int) -> str:
-        """Path of item i's image: `file_name`, then `coco_url`, each tried as
-        image_root/<last part> and image_root/<last two parts>; a COCO-2014 style
-        'COCO_val2014_000000000139.jpg' also as its 2017 name '000000000139.jpg'."""
+    def candidate_paths(self, i: int) -> list:
+        """Where item i's image may be, in the order they are tried (module docstring)."""
         img = self.images[i]
         candidates = []
-        for key in ("file_name", "coco_url"):
+
+        def add(path):
+            if path not in candidates:
+                candidates.append(path)
+
+        for key in ("coco_url", "file_name"):
             location = img.get(key)
             if not isinstance(location, str):
                 continue
             parts = [p for p in location.replace("\\", "/").split("/") if p]
             if not parts:
                 continue
-            names = [parts[-1]]
-            if key == "file_name" and parts[-1].startswith("COCO_"):
-                names.append(parts[-1][-16:])
-            for name in names:
-                candidates.append(os.path.join(self.image_root, name))
-                if len(parts) >= 2:
-                    candidates.append(os.path.join(self.image_root, parts[-2], name))
+            name = parts[-1]
+            if len(parts) >= 2:
+                add(os.path.join(self.image_root, parts[-2], name))
+            add(os.path.join(self.image_root, name))
+            if key == "file_name" and name.startswith("COCO_") and len(name) > 16:
+                for folder in ("", "train2017", "val2017"):
+                    add(os.path.join(self.image_root, folder, name[-16:]))
+        return candidates
+
+    def image_path(self, i: int) -> str:
+        """Path of item i's image: the first of `candidate_paths(i)` that exists (resolved
+        once by `check_image_files()`)."""
+        if self._paths is not None:
+            return self._paths[i]
+        candidates = self.candidate_paths(i)
         for path in candidates:
-            if os.path.exists(path):
+            if os.path.isfile(path):
                 return path
-        raise FileNotFoundError(
-            f"{self.ann_file}: image id {img['id']} not found; tried " + ", ".join(candidates))
+        raise FileNotFoundError(self._missing_message(i, candidates))
+
+    def _missing_message(self, i: int, candidates: list) -> str:
+        return (f"{self.ann_file}: image id {self.images[i]['id']} not found; tried "
+                + ", ".join(candidates) + f" (image_root={self.image_root}: the COCO root "
+                "holding train2017/ and val2017/, see the README's data layout)")
+
+    def check_image_files(self) -> None:
+        """Resolves the image path of every item now, so that a missing file fails at start-up
+        (naming the json, the first missing image id and the paths tried, and how many are
+        missing) rather than at the end of a training run."""
+        paths, first_missing, missing = [], None, 0
+        for i in range(len(self.images)):
+            candidates = self.candidate_paths(i)
+            found = next((p for p in candidates if os.path.isfile(p)), None)
+            if found is None:
+                missing += 1
+                if first_missing is None:
+                    first_missing = self._missing_message(i, candidates)
+            paths.append(found)
+        if missing:
+            raise FileNotFoundError(f"{first_missing}; {missing} of {len(self.images)} images "
+                                    "of this file are missing")
+        self._paths = paths
 
     def _has_usable_box(self, i: int, anns) -> bool:
         h, w = self.images[i]["height"], self.images[i]["width"]
@@ -305,21 +361,31 @@ class LVISDataset(torch.utils.data.Dataset):
         return torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).div_(255.0)
 
     @staticmethod
-    def _to_rle(seg, bbox, h: int, w: int) -> dict:
-        if seg is None:  # no segmentation: the box itself
-            seg = [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], bbox[0] + bbox[2],
-                    bbox[1] + bbox[3], bbox[0], bbox[1] + bbox[3]]]
+    def _segmentation(seg, bbox):
+        """The annotation's segmentation; the box as a polygon when it has none."""
+        if seg is None:
+            return [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], bbox[0] + bbox[2],
+                     bbox[1] + bbox[3], bbox[0], bbox[1] + bbox[3]]]
+        return seg
+
+    @staticmethod
+    def _to_rle(seg, h: int, w: int) -> dict:
         if isinstance(seg, list):  # polygons
             return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
         if isinstance(seg["counts"], list):  # uncompressed RLE
             return mask_utils.frPyObjects(seg, h, w)
         return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}  # compressed RLE
 
+    def _polygon_entry(self, seg, h: int, w: int):
+        if isinstance(seg, list):
+            return [np.asarray(poly, dtype=np.float64) for poly in seg]
+        return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(self._to_rle(seg, h, w))))
+
     def get_target(self, i: int) -> dict:
         """The target of item i without reading its image."""
         info = self.images[i]
         h, w = info["height"], info["width"]
-        boxes, labels, rles = [], [], []
+        boxes, labels, segments = [], [], []
         for label, bbox, seg in self._anns[i]:
             box = self._clipped_box(bbox, h, w)
             if box is None:
@@ -327,15 +393,18 @@ class LVISDataset(torch.utils.data.Dataset):
             boxes.append(box)
             labels.append(label)
             if self.with_masks:
-                rles.append(self._to_rle(seg, bbox, h, w))
+                segments.append(self._segmentation(seg, bbox))
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "image_id": int(info["id"]),
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
-        if self.with_masks:
-            if rles:  # decoded together: (H, W, K) -> (K, H, W)
+        if self.with_masks and self.mask_format == "polygon":
+            target["polygons"] = [self._polygon_entry(seg, h, w) for seg in segments]
+        elif self.with_masks:
+            if segments:  # decoded together: (H, W, K) -> (K, H, W)
+                rles = [self._to_rle(seg, h, w) for seg in segments]
                 masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
                 target["masks"] = torch.from_numpy(masks)
             else:

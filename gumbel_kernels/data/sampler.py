@@ -1,6 +1,7 @@
 """Repeat-factor sampling (RFS, LVIS paper sec. 5) and the plain uniform sampler for training.
 
-Per class c with image frequency f_c = image_count_c / num_images, the class repeat factor is
+Per class c with image frequency f_c = image_count_c / num_images (num_images: the training
+images with annotations, as mmdetection counts its filtered dataset), the class repeat factor is
 r_c = max(1, sqrt(t / f_c)) (t = 0.001 on LVIS); an image's factor is the largest r_c over the
 classes it contains (1 for an image with no annotation). One epoch then holds each image
 - `mode="deterministic"`: ceil(r_I) times -- GOL's rule (mmdetection's ClassBalancedDataset);
@@ -139,11 +140,13 @@ def build_train_sampler(dataset, kind: str = "rfs", *, threshold: float = 0.001,
                         rank: Optional[int] = None) -> RepeatFactorSampler:
     """Training sampler by config name.
 
-    kind="rfs": repeat-factor sampling with `dataset.image_counts` / `dataset.num_images`;
+    kind="rfs": repeat-factor sampling with `dataset.image_counts` /
+    `dataset.num_images_with_annotations`;
     kind="random": every image once per epoch, shuffled (same distributed behaviour).
     """
     if kind == "rfs":
-        factors = repeat_factors(dataset, dataset.image_counts, dataset.num_images, threshold)
+        factors = repeat_factors(dataset, dataset.image_counts,
+                                 dataset.num_images_with_annotations, threshold)
     elif kind in ("random", "uniform"):
         factors = torch.ones(len(dataset), dtype=torch.float64)
     else:

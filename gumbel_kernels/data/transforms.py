@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ResizeConfig", "Compose", "RandomHorizontalFlip", "ResizeShorterSide", "build_transforms",
+    "flip_polygon_entry", "resize_polygon_entry",
 ]
 
 
@@ -102,10 +103,44 @@ class RandomHorizontalFlip:
                 target["boxes"] = boxes
             if "masks" in target:
                 target["masks"] = target["masks"].flip(-1)
+            if "polygons" in target:
+                target["polygons"] = [flip_polygon_entry(entry, width)
+                                      for entry in target["polygons"]]
         return image, target
 
     def __repr__(self):
         return f"RandomHorizontalFlip(p={self.p})"
+
+
+def resize_polygon_entry(entry, old_size, new_size):
+    """One instance of a `polygons` target in an image resized from old_size (h, w) to new_size:
+    coordinates scaled per axis (mmdetection's PolygonMasks.resize), a bitmap resized nearest
+    (its BitmapMasks.rescale)."""
+    (old_h, old_w), (new_h, new_w) = old_size, new_size
+    if isinstance(entry, torch.Tensor):
+        return F.interpolate(entry[None, None].float(), size=(int(new_h), int(new_w)),
+                             mode="nearest")[0, 0].to(entry.dtype)
+    scale_x, scale_y = float(new_w) / float(old_w), float(new_h) / float(old_h)
+    resized = []
+    for poly in entry:
+        poly = poly.copy()
+        poly[0::2] *= scale_x
+        poly[1::2] *= scale_y
+        resized.append(poly)
+    return resized
+
+
+def flip_polygon_entry(entry, width: int):
+    """One instance of a `polygons` target mirrored left-right in an image `width` pixels wide:
+    x -> width - x for polygons (mmdetection's PolygonMasks.flip), a flipped bitmap otherwise."""
+    if isinstance(entry, torch.Tensor):
+        return entry.flip(-1)
+    flipped = []
+    for poly in entry:
+        poly = poly.copy()
+        poly[0::2] = width - poly[0::2]
+        flipped.append(poly)
+    return flipped
 
 
 class ResizeShorterSide:
@@ -136,6 +171,9 @@ class ResizeShorterSide:
                                                 mode="nearest")[:, 0].to(target["masks"].dtype)
             elif "masks" in target:
                 target["masks"] = target["masks"].new_zeros((0, new_h, new_w))
+            if "polygons" in target:
+                target["polygons"] = [resize_polygon_entry(entry, (h, w), (new_h, new_w))
+                                      for entry in target["polygons"]]
         return image, target
 
     def __repr__(self):

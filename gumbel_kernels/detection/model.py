@@ -1,20 +1,31 @@
 """Builds torchvision's Mask R-CNN with the GOL RoI head from a config's `model` section.
 
-Keys (defaults in gumbel_kernels/engine/config.py):
+Keys (defaults in gumbel_kernels/engine/config.py, DEFAULTS["model"]):
   backbone: resnet18 | resnet34 | resnet50 | resnet101 (FPN)
   weights: null (random init), a local state-dict file of the ResNet trunk, or a torchvision
            weight name such as ResNet50_Weights.IMAGENET1K_V1 (needs a download)
   trainable_layers: ResNet stages trained (5 = all; 3 is torchvision's default with weights)
-  norm: frozen_bn (torchvision's default, for pretrained trunks) | bn (trainable BatchNorm, for
-        training from scratch: frozen statistics of a random init normalise nothing);
+  norm: frozen_bn (torchvision's default, for pretrained trunks) | eval_bn (mmdetection's
+        norm_eval=True: BatchNorm statistics frozen, gamma/beta trained in the trainable
+        stages; the official configs) | bn (trainable BatchNorm, for training from scratch:
+        frozen statistics of a random init normalise nothing);
         default: frozen_bn with weights, bn without
-  rpn_pre_nms_top_n, rpn_post_nms_top_n: [train, test] proposals per image (torchvision's
-        defaults [2000, 1000] and [2000, 1000]; the CPU demo uses fewer)
-  min_size: list of training shorter sides (one drawn per batch); the last is the test size
+  rpn_pre_nms_top_n, rpn_post_nms_top_n: [train, test] proposals per image (per level before
+        NMS, in all after; torchvision's defaults [2000, 1000] and [2000, 1000], mmdetection's
+        [2000, 1000] and [1000, 1000])
+  min_size: list of training shorter sides (one drawn per image); the last is the test size
   max_size: longer-side cap
   normalized_mask, mask_temperature: GOL's cosine mask predictor
   nms: per-class NMS IoU (GOL: 0.3), score_thresh (1e-4), detections_per_img (300),
   box_batch_size_per_image (512), box_positive_fraction (0.25)
+  roi_sampling_ratio, roi_aligned: RoIAlign of the box and mask poolers (torchvision 2, false;
+        mmdetection 2.x 0, true)
+  box_loss: smooth_l1 (torchvision) | l1 (mmdetection) for the RPN and the box head
+  mask_target: roi_align (torchvision) | bitmap | polygon (mmdetection), see mask_targets.py
+  mask_paste: torchvision | grid_sample (mmdetection / detectron2), see transform.py
+  score_activation: null (the loss's activation) | softmax | sigmoid | gumbel
+  cls_init, cls_init_weight, cls_init_bias: the box classifier's initialisation
+        (roi_heads.initialize_box_branch)
 """
 from __future__ import annotations
 
@@ -30,19 +41,32 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..engine.config import DEFAULTS
 from .mask_head import NormalizedMaskPredictor
-from .roi_heads import GOLBoxPredictor, GOLRoIHeads
+from .poolers import LevelRoIAlign
+from .roi_heads import GOLBoxPredictor, GOLRoIHeads, initialize_box_branch
+from .rpn import GOLRegionProposalNetwork
+from .transform import GOLTransform
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = ("frozen_bn", "eval_bn", "bn")
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running statistics and never updates them
+    (mmdetection's norm_eval=True); its affine parameters train where requires_grad is set."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
 
 
 def _backbone(cfg: dict):
     name = cfg["backbone"]
     if name not in BACKBONES:
         raise ValueError(f"model.backbone={name!r} must be one of {', '.join(BACKBONES)}")
-    weights = cfg.get("weights")
+    weights = cfg["weights"]
     torchvision_weights = None
     local_file: Optional[str] = None
     if weights:
@@ -56,12 +80,13 @@ def _backbone(cfg: dict):
                                  f"weight name ({error})") from None
     else:
         log.warning("model.weights is empty: the %s backbone starts from random init", name)
-    norm = cfg.get("norm") or ("frozen_bn" if weights else "bn")
-    if norm not in ("frozen_bn", "bn"):
-        raise ValueError(f"model.norm={norm!r} must be 'frozen_bn' or 'bn'")
-    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    norm = cfg["norm"] or ("frozen_bn" if weights else "bn")
+    if norm not in NORMS:
+        raise ValueError(f"model.norm={norm!r} must be one of {', '.join(NORMS)}")
+    norm_layer = {"frozen_bn": FrozenBatchNorm2d, "eval_bn": EvalBatchNorm2d,
+                  "bn": nn.BatchNorm2d}[norm]
     backbone = resnet_fpn_backbone(backbone_name=name, weights=torchvision_weights,
-                                   trainable_layers=int(cfg.get("trainable_layers", 5)),
+                                   trainable_layers=int(cfg["trainable_layers"]),
                                    norm_layer=norm_layer)
     if local_file is not None:
         state = torch.load(local_file, map_location="cpu", weights_only=True)
@@ -73,37 +98,53 @@ def _backbone(cfg: dict):
 
 
 def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module) -> MaskRCNN:
-    """Mask R-CNN for `num_classes` foreground classes with `classification_loss` in the box head."""
+    """Mask R-CNN for `num_classes` foreground classes with `classification_loss` in the box head.
+
+    `cfg` is a config's `model` section; keys it leaves out take engine/config.py's DEFAULTS."""
+    cfg = {**DEFAULTS["model"], **cfg}
     backbone = _backbone(cfg)
-    min_size = cfg.get("min_size", [800])
+    min_size = cfg["min_size"]
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    pre_nms = cfg.get("rpn_pre_nms_top_n", [2000, 1000])
-    post_nms = cfg.get("rpn_post_nms_top_n", [2000, 1000])
+    pre_nms, post_nms = cfg["rpn_pre_nms_top_n"], cfg["rpn_post_nms_top_n"]
     model = MaskRCNN(backbone, num_classes=num_classes + 1, min_size=min_size,
-                     max_size=int(cfg.get("max_size", 1333)),
-                     rpn_pre_nms_top_n_train=int(pre_nms[0]), rpn_pre_nms_top_n_test=int(pre_nms[1]),
-                     rpn_post_nms_top_n_train=int(post_nms[0]),
-                     rpn_post_nms_top_n_test=int(post_nms[1]))
+                     max_size=int(cfg["max_size"]))
+    model.transform = GOLTransform(model.transform.min_size, model.transform.max_size,
+                                   model.transform.image_mean, model.transform.image_std,
+                                   mask_paste=cfg["mask_paste"])
+    old_rpn = model.rpn
+    model.rpn = GOLRegionProposalNetwork(
+        old_rpn.anchor_generator, old_rpn.head,
+        old_rpn.proposal_matcher.high_threshold, old_rpn.proposal_matcher.low_threshold,
+        old_rpn.fg_bg_sampler.batch_size_per_image, old_rpn.fg_bg_sampler.positive_fraction,
+        dict(training=int(pre_nms[0]), testing=int(pre_nms[1])),
+        dict(training=int(post_nms[0]), testing=int(post_nms[1])),
+        old_rpn.nms_thresh, score_thresh=old_rpn.score_thresh, box_loss=cfg["box_loss"])
     old = model.roi_heads
+    levels = ["0", "1", "2", "3"]
+    box_roi_pool = LevelRoIAlign(levels, 7, int(cfg["roi_sampling_ratio"]), cfg["roi_aligned"])
+    mask_roi_pool = LevelRoIAlign(levels, 14, int(cfg["roi_sampling_ratio"]), cfg["roi_aligned"])
     representation = old.box_head.fc7.out_features
     box_predictor = GOLBoxPredictor(representation, num_classes,
-                                    classification_loss.num_logits(num_classes),
-                                    classification_loss.activation)
+                                    classification_loss.num_logits(num_classes))
+    initialize_box_branch(old.box_head, box_predictor, cfg["cls_init"], cfg["cls_init_weight"],
+                          cfg["cls_init_bias"], classification_loss.activation)
     mask_channels = old.mask_head[-1][0].out_channels  # torchvision's last 3x3 conv
-    if cfg.get("normalized_mask", False):
+    if cfg["normalized_mask"]:
         mask_predictor = NormalizedMaskPredictor(mask_channels, 256, num_classes + 1,
-                                                 float(cfg.get("mask_temperature", 20.0)))
+                                                 float(cfg["mask_temperature"]))
     else:
         mask_predictor = MaskRCNNPredictor(mask_channels, 256, num_classes + 1)
     model.roi_heads = GOLRoIHeads(
-        old.box_roi_pool, old.box_head, box_predictor,
+        box_roi_pool, old.box_head, box_predictor,
         fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-        batch_size_per_image=int(cfg.get("box_batch_size_per_image", 512)),
-        positive_fraction=float(cfg.get("box_positive_fraction", 0.25)),
+        batch_size_per_image=int(cfg["box_batch_size_per_image"]),
+        positive_fraction=float(cfg["box_positive_fraction"]),
         bbox_reg_weights=None,
-        score_thresh=float(cfg.get("score_thresh", 1e-4)),
-        nms_thresh=float(cfg.get("nms", 0.5)),
-        detections_per_img=int(cfg.get("detections_per_img", 300)),
-        mask_roi_pool=old.mask_roi_pool, mask_head=old.mask_head, mask_predictor=mask_predictor,
-        classification_loss=classification_loss, num_classes=num_classes)
+        score_thresh=float(cfg["score_thresh"]),
+        nms_thresh=float(cfg["nms"]),
+        detections_per_img=int(cfg["detections_per_img"]),
+        mask_roi_pool=mask_roi_pool, mask_head=old.mask_head, mask_predictor=mask_predictor,
+        classification_loss=classification_loss, num_classes=num_classes,
+        score_activation=cfg["score_activation"], box_loss=cfg["box_loss"],
+        mask_target=cfg["mask_target"])
     return model

@@ -203,6 +203,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _to_torchvision_target(target: dict, device: torch.device) -> dict:
-    """Dataset targets (labels 0..C-1) -> torchvision's (1..C, 0 = background)."""
-    return {"boxes": target["boxes"].to(device), "labels": (target["labels"] + 1).to(device),
-            "masks": target["masks"].to(device)}
+    """Dataset targets (labels 0..C-1) -> torchvision's (1..C, 0 = background). `polygons`
+    stay on the CPU, where the polygon mask targets rasterise them."""
+    out = {"boxes": target["boxes"].to(device), "labels": (target["labels"] + 1).to(device)}
+    if "masks" in target:
+        out["masks"] = target["masks"].to(device)
+    if "polygons" in target:
+        out["polygons"] = target["polygons"]
+    return out
