@@ -126,6 +126,10 @@ class GumbelBCELoss(FusedGOLLoss):
         super().__init__(None, mode="bce", activation="gumbel", **kwargs)
 
 
+# The official GumbelCE clamps its reduced loss to [0, 20]: no gradient from a batch above 20.
+GUMBEL_CE_LOSS_CLAMP = (0.0, 20.0)
+
+
 class GumbelCELoss(FusedGOLLoss):
     """GOL's GumbelCE: a (C+1)-way head whose last column is background, trained with Gumbel BCE.
 
@@ -134,7 +138,8 @@ class GumbelCELoss(FusedGOLLoss):
     clamp), so a batch whose mean loss exceeds 20 contributes no gradient.
     """
 
-    def __init__(self, *, loss_clamp: Optional[Tuple[float, float]] = (0.0, 20.0), **kwargs):
+    def __init__(self, *, loss_clamp: Optional[Tuple[float, float]] = GUMBEL_CE_LOSS_CLAMP,
+                 **kwargs):
         super().__init__(None, mode="bce", activation="gumbel", background_logit=True, **kwargs)
         if loss_clamp is not None and (len(loss_clamp) != 2 or loss_clamp[0] > loss_clamp[1]):
             raise ValueError(f"GumbelCELoss: loss_clamp must be (low, high) with low <= high, "

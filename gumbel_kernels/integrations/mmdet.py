@@ -75,8 +75,6 @@ REDUCTIONS = ("mean", "sum", "none")
 LVIS_V1_NUM_CLASSES = 1203
 # The divisor guard of mmdet's weight_reduce_loss: loss.sum() / (avg_factor + eps).
 _AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
-# Official GumbelCE clamps its reduced loss to [0, 20]: no gradient from a batch above 20.
-GUMBEL_CE_LOSS_RANGE = (0.0, 20.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +370,9 @@ class GumbelCELoss(_MMDetClassificationLoss):
         return acc
 
     def _after_reduction(self, loss):
-        return loss.clamp(*GUMBEL_CE_LOSS_RANGE)
+        # The official [0, 20] clamp of losses.GumbelCELoss, applied here after mmdet's
+        # avg_factor division (the module's forward would clamp before it).
+        return loss.clamp(*self.criterion.loss_clamp)
 
 
 @MODELS.register_module()
