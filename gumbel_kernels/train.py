@@ -144,7 +144,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tag = f"[rank {rank}] " if world > 1 else ""
     level = logging.INFO if rank == 0 or args.log_all_ranks else logging.ERROR
-    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(name)s: %(message)s", force=True)
+    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when logging was configured before
     logging.captureWarnings(True)
 
 
@@ -249,6 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     if not (args.resume or args.eval_only):
         _prepare_output_dir(out_dir, args.overwrite)
+    elif args.eval_only and not args.no_eval:
+        replaced = [n for n in ("results.json", "metrics.json")
+                    if os.path.exists(os.path.join(out_dir, n))]
+        if replaced:
+            log.info("--eval-only: replacing %s in %s", ", ".join(replaced), out_dir)
     dist_utils.barrier()
     _seed_everything(int(cfg["seed"]) + dist_utils.rank())
     if dist_utils.is_main():
