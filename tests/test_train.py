@@ -5,17 +5,20 @@ run that logs on rank 0 only."""
 import json
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from gumbel_kernels import train as train_cli
 from gumbel_kernels.analysis import __main__ as analysis_cli
-from gumbel_kernels.engine.checkpoint import load_checkpoint
-from gumbel_kernels.engine.config import ConfigError
+from gumbel_kernels.engine.checkpoint import CheckpointError, load_checkpoint
+from gumbel_kernels.engine.config import ConfigError, load_config
+from gumbel_kernels.engine.trainer import load_resume_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,6 +111,18 @@ def test_resume_gives_the_same_next_step(tiny_config, tmp_path):
                                           r"0.2; solver.base_lr: checkpoint 0.02, now 0.01"):
         train_cli.main(common + ["--out", str(interrupted), "--resume", "--set",
                                  "solver.base_lr=0.01", "method.lambda_=0.2"])
+    # A checkpoint of an older version (pickled NumPy RNG state, no checksum) needs the opt-in.
+    legacy = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    legacy.pop("_integrity")
+    legacy["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                     "torch": torch.get_rng_state()}
+    (tmp_path / "legacy").mkdir()
+    torch.save(legacy, tmp_path / "legacy" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects.*--allow-pickle"):
+        train_cli.main(common + ["--out", str(tmp_path / "legacy"), "--resume"])
+    cfg = load_config(str(tiny_config), {"output_dir": str(tmp_path / "legacy")})
+    assert load_resume_state(str(tmp_path / "legacy" / "checkpoint.pt"), cfg,
+                             allow_pickle=True)["iteration"] == 3
     train_cli.main(common + ["--out", str(interrupted), "--max-iters", "5", "--resume"])
     a, b = losses(straight), losses(interrupted)
     assert len(a) == len(b) == 5

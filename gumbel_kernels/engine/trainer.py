@@ -112,6 +112,9 @@ def load_resume_state(path: str, cfg: dict, allow_pickle: bool = False) -> dict:
     if missing:
         raise CheckpointError(f"--resume: {path} is not a training checkpoint of this harness "
                               f"(it lacks {', '.join(missing)})")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"--resume: {path} holds no config mapping (got "
+                              f"{type(state['config']).__name__})")
     conflicts = resume_conflicts(state["config"], cfg)
     if conflicts:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in "
