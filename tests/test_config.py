@@ -2,8 +2,10 @@
 range, numeric strings converted, the shipped configs valid, and what a resume may change."""
 import glob
 import pathlib
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gumbel_kernels import train as train_cli
 from gumbel_kernels.engine import config as config_module
@@ -154,3 +156,13 @@ def test_resume_conflicts_list_only_what_may_not_change():
     older = {k: v for k, v in saved.items()}
     older["data"] = {k: v for k, v in saved["data"].items() if k != "check_images"}
     assert resume_conflicts(older, current) == []
+
+
+def test_a_loss_argument_the_loss_does_not_take_is_named(tmp_path):
+    train_set = SimpleNamespace(image_counts=torch.tensor([1, 5, 40]), num_images=50)
+    path = write(tmp_path, "method:\n  loss: gol\n  num_sampled: 5\n")
+    with pytest.raises(ConfigError, match=r"method.num_sampled: the loss 'gol' takes no such "
+                                          r"argument"):
+        train_cli.build_loss(load_config(path), train_set)
+    federated = load_config(path, {"method.loss": "federated"})
+    assert train_cli.build_loss(federated, train_set).num_sampled == 5
