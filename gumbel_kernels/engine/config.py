@@ -14,6 +14,7 @@ converted.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import difflib
 import inspect
@@ -69,12 +70,17 @@ class _Invalid(Exception):
 
 # ----------------------------------------------------------------------------- value rules --
 
-class _Rule:
-    def check(self, value):  # -> the value, converted
-        raise NotImplementedError
+class _Rule(abc.ABC):
+    """What a value must be: check() returns it (converted where that is what a user means)
+    or raises _Invalid; str() says it in words for the messages."""
 
+    @abc.abstractmethod
+    def check(self, value):
+        ...
+
+    @abc.abstractmethod
     def __str__(self) -> str:
-        raise NotImplementedError
+        ...
 
 
 class _Number(_Rule):
