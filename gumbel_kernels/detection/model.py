@@ -41,7 +41,6 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..engine.config import DEFAULTS
 from .mask_head import NormalizedMaskPredictor
 from .poolers import LevelRoIAlign
 from .roi_heads import GOLBoxPredictor, GOLRoIHeads, initialize_box_branch
@@ -101,6 +100,7 @@ def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module) -> 
     """Mask R-CNN for `num_classes` foreground classes with `classification_loss` in the box head.
 
     `cfg` is a config's `model` section; keys it leaves out take engine/config.py's DEFAULTS."""
+    from ..engine.config import DEFAULTS  # here: engine.config validates against BACKBONES
     cfg = {**DEFAULTS["model"], **cfg}
     backbone = _backbone(cfg)
     min_size = cfg["min_size"]
