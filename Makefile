@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 BUILD_ENV ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv build cmake-build test test-triton demo bench sanitize clean
+.PHONY: all venv build cmake-build test test-triton demo bench sanitize gpu-check sass-report clean
 
 all: test
 
@@ -47,9 +47,13 @@ CMAKE_CUDA_ARGS := -DCMAKE_CUDA_COMPILER=$(CUDA_ROOT)/bin/nvcc -DCUDAToolkit_ROO
 	-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_ROOT)
 endif
 
+# It compiles the CUDA kernels for sm_90 alone (it checks that CMake builds and loads the same
+# csrc/, and builds the emulator's sanitizer libraries; the setup.py extension carries every
+# arch): CMAKE_CUDA_ARCHS=... for others, CMakeLists.txt's default when run by hand.
+CMAKE_CUDA_ARCHS ?= 90
 cmake-build: $(VENV)/.stamp-build
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-		$(CMAKE_CUDA_ARGS) $(CMAKE_ARGS)
+		$(CMAKE_CUDA_ARGS) -DCMAKE_CUDA_ARCHITECTURES="$(CMAKE_CUDA_ARCHS)" $(CMAKE_ARGS)
 	cmake --build build/cmake -j 2
 
 demo: build
@@ -60,8 +64,21 @@ bench: build
 	$(PY) -m bench.plot
 
 sanitize: build
-	compute-sanitizer --tool memcheck $(PY) -m pytest tests/test_gol_loss.py -q -k cuda
-	compute-sanitizer --tool racecheck $(PY) -m pytest tests/test_gol_loss.py -q -k cuda
+	compute-sanitizer --tool memcheck $(PY) -m pytest tests/test_gol_loss.py -q -k "cuda and not cuda_emulated"
+	compute-sanitizer --tool racecheck $(PY) -m pytest tests/test_gol_loss.py -q -k "cuda and not cuda_emulated"
+
+# On a machine with a GPU (under 8 minutes): build for its arch, the CUDA and Triton tests on the
+# device, compute-sanitizer memcheck/racecheck, the cuda/triton benchmark -> bench/results/
+# gpu_check.md. Uses .venv when there is one, else the machine's python3 (installs nothing).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+
+# Without a GPU: the shipped cubins' SASS (cuobjdump) and Triton's kernels compiled ahead of time
+# for sm_90 -> instructions per element, registers, occupancy, an H100 time estimate ->
+# bench/results/sass_report.md.
+sass-report: build
+	$(PY) -m bench.sass_report
 
 clean:
 	rm -rf build $(VENV)/.stamp-build gumbel_kernels/*.so

@@ -46,7 +46,9 @@ SHAPE_PRESETS: Dict[str, List[Tuple[int, int]]] = {
     "make": [(512, 1203), (2048, 1203), (8192, 1203), (16384, 1203), (2048, 1204),
              (8192, 1204), (512, 21000), (2048, 21000)],
     "full": [(n, c) for c in (1203, 1204) for n in (512, 2048, 8192, 16384)]
-            + [(512, 21000), (2048, 21000)],
+            + [(512, 21000), (2048, 21000), (8192, 13204)],
+    # `make gpu-check`: the headline and a V3Det-size head (13,204 classes).
+    "gpu": [HEADLINE, (8192, 13204)],
 }
 
 REWRITE_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 300}

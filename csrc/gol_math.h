@@ -79,6 +79,47 @@ GK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   return Philox4{{c0, c1, c2, c3}};
 }
 
+// The ten round keys of a key, computed once: on the GPU they then sit in uniform registers
+// where the rounds use them (rather than added again in every call).
+struct PhiloxRoundKeys {
+  uint32_t k0[10], k1[10];
+  uint32_t offset0, offset1;
+};
+
+GK_HD PhiloxRoundKeys philox_round_keys(const PhiloxKey& key) {
+  PhiloxRoundKeys keys;
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = key.key0 + static_cast<uint32_t>(round) * 0x9E3779B9u;
+    keys.k1[round] = key.key1 + static_cast<uint32_t>(round) * 0xBB67AE85u;
+  }
+  keys.offset0 = key.offset0;
+  keys.offset1 = key.offset1;
+  return keys;
+}
+
+// philox4x32_10 of the counter (group, offset) with precomputed round keys.
+GK_HD Philox4 philox_group(int64_t group, const PhiloxRoundKeys& keys) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  const uint64_t g = static_cast<uint64_t>(group);
+  uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32);
+  uint32_t c2 = keys.offset0, c3 = keys.offset1;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ keys.k0[round];
+    const uint32_t n2 = hi0 ^ c3 ^ keys.k1[round];
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
 // The Philox call that serves flat elements 4g .. 4g+3.
 GK_HD Philox4 philox_group(int64_t group, const PhiloxKey& key) {
   const uint64_t g = static_cast<uint64_t>(group);
@@ -97,14 +138,61 @@ GK_HD float uniform_from_bits(uint32_t bits) {
 template <typename T>
 struct ScalarOps;
 
+// log2(e) split in two floats, and ln 2: exp(x) = 2^(x log2 e).
+constexpr float kLog2e = 1.44269502163f;
+constexpr float kLog2eLow = 1.92596303e-08f;
+constexpr float kLn2 = 0.693147182f;
+
 template <>
 struct ScalarOps<float> {
   using V = float;
   using M = bool;
   static GK_HD V splat(float x) { return x; }
   static GK_HD V exp(V x) { return expf(x); }
-  static GK_HD V exp_bounded(V x) { return expf(x); }
-  static GK_HD V recip(V x) { return V(1) / x; }
+  // exp(-x) where the result is a normal float (the bounded path's p = exp(-t), 0 < t <= 55):
+  // 2^y, y = -x log2(e) rounded, plus 2^y (the rounding error of y) ln 2, the error including
+  // log2(e)'s own float rounding. On the GPU 2^y is the MUFU.EX2 approximation: six
+  // instructions where expf takes about ten, within ~3 ulp of exp(-x) (tests/test_gol_loss.py
+  // sizes its tolerance for 4); on the host (the CUDA emulator) exp2f, the same formula.
+  static GK_HD V exp_neg_bounded(V x) {
+    const float y = x * kLog2e;  // exp(-x) = 2^-y, y's rounding error carried
+    const float error = fmaf(x, kLog2eLow, fmaf(x, kLog2e, -y));
+    const float power = exp2_approx(-y);
+    return fmaf(power * error, -kLn2, power);
+  }
+
+  // The same for |x| <= 27 (t = exp(-qc) of a bounded clamp) without log2(e)'s rounding
+  // error: at most 27 * 1.9e-8 in y, which matters only where t is tiny and the loss and
+  // gradient do not depend on its last bits (|x| <= 4, where t is large: 7.7e-8, 0.6 ulp).
+  static GK_HD V exp_neg_small(V x) {
+    const float y = x * kLog2e;
+    const float error = fmaf(x, kLog2e, -y);
+    const float power = exp2_approx(-y);
+    return fmaf(power * error, -kLn2, power);
+  }
+
+  static GK_HD float exp2_approx(float y) {
+#if defined(__CUDA_ARCH__)
+    float power;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(power) : "f"(y));
+    return power;
+#else
+    return exp2f(y);
+#endif
+  }
+  // 1 / x for a normal x of moderate size (the bounded path divides by 1 - p >= 0.63): on the
+  // GPU the MUFU.RCP approximation alone, within 1 ulp (no branches: __frcp_rn adds a slow path
+  // for special cases, which cannot occur here, and a Newton step for the last half ulp,
+  // which the gradient's 1e-5 tolerance does not need); the host (the emulator) divides.
+  static GK_HD V recip(V x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return V(1) / x;
+#endif
+  }
   static GK_HD V fma(V a, V b, V c) { return fmaf(a, b, c); }
   // NaN-dropping min/max: callers that use them add gol_math.h's poison term.
   static GK_HD V min(V a, V b) { return fminf(a, b); }
@@ -126,7 +214,8 @@ struct ScalarOps<double> {
   using M = bool;
   static GK_HD V splat(double x) { return x; }
   static GK_HD V exp(V x) { return ::exp(x); }
-  static GK_HD V exp_bounded(V x) { return ::exp(x); }
+  static GK_HD V exp_neg_bounded(V x) { return ::exp(-x); }
+  static GK_HD V exp_neg_small(V x) { return ::exp(-x); }
   static GK_HD V recip(V x) { return V(1) / x; }
   static GK_HD V fma(V a, V b, V c) { return ::fma(a, b, c); }
   // NaN-dropping min/max: callers that use them add gol_math.h's poison term.
@@ -285,11 +374,11 @@ struct ElementMath {
                                                  V* grad) {
     const V one = O::splat(1.0f);
     const V qc = O::min(O::max(q, lo), hi);
-    const V t = O::exp_bounded(O::neg(qc));
+    const V t = O::exp_neg_small(qc);
     V loss_low, grad_low;
     small_t_series(qc, t, &loss_low, &grad_low);
 
-    const V p = O::exp_bounded(O::neg(t));
+    const V p = O::exp_neg_bounded(t);
     const V q_poly = horner(p, horner(p, O::splat(0.574717104f), O::splat(-0.203410551f),
                                       O::splat(0.288397342f), O::splat(0.177490458f)),
                             O::splat(0.252199203f), O::splat(0.333229631f), O::splat(0.500001848f));

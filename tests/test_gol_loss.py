@@ -86,13 +86,16 @@ def test_weights_clamp_and_ignore_index(target):
                                  reduction="sum")
 
 
-# CUDA's expf is within 2 ulp, so a kernel's t = exp(-q) may be off by up to 2^-22 relative,
-# which is q off by 2^-22. Where the result is sensitive to t (BCE's eps zone, q in (-4, -3.32):
-# the gradient p^2 t / eps has d log(grad) / d log(t) = 1 - 2t, about -108 at q = -4) that alone
-# moves it by ~3e-5 relative, above a flat 1e-5. The tolerance is therefore 1e-5 relative (the
-# series and polynomial forms, float32 rounding) plus how far the float64 reference itself moves
-# when q moves by 2^-22, plus 1e-30 absolute (results in float32's denormal range).
-EXP_ULP_SHIFT = 2.0 ** -22
+# A compiled kernel's exp is not correctly rounded: CUDA's expf is within 2 ulp, the bounded
+# path's exp2-based exp (csrc/gol_math.h, ScalarOps<float>::exp_bounded) within ~3, the CPU
+# kernel's Sleef-style exp within 1. So t = exp(-q) may be off by up to 4 ulp, 2^-21 relative,
+# which is q off by 2^-21. Where the result is sensitive to t (BCE's eps zone, q in
+# (-4, -3.32): the gradient p^2 t / eps has d log(grad) / d log(t) = 1 - 2t, about -108 at
+# q = -4) that alone moves it by ~5e-5 relative, far above a flat 1e-5 (the review measured a
+# 1-ulp error at 1.1x of it). The tolerance is therefore 1e-5 relative (the series and
+# polynomial forms, float32 rounding) plus how far the float64 reference itself moves when q
+# moves by 2^-21, plus 1e-30 absolute (results in float32's denormal range).
+EXP_ULP_SHIFT = 2.0 ** -21
 
 
 def assert_close_to_float64(target, logits, labels, rtol=1e-5, **kw):
@@ -445,9 +448,9 @@ def cuda_target(request) -> Target:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_unaligned_storage_takes_the_scalar_path(cuda_target, dtype):
+def test_unaligned_storage_gives_the_same_results(cuda_target, dtype):
     # A storage offset of one element breaks the 16-byte (8-byte for 16-bit types) alignment of
-    # the vector loads: the kernel must fall back to scalar loads and stores, and agree.
+    # the vector loads: the host logic copies such logits to aligned storage; the results agree.
     logits, labels, drop = make_batch(9, 37, cuda_target.device, dtype=dtype)
     storage = torch.empty(logits.numel() + 1, dtype=dtype, device=cuda_target.device)
     shifted = storage[1:].view(9, 37)

@@ -19,7 +19,8 @@ struct VecOpsT {
   using M = V;  // comparison results are all-ones / all-zeros lanes
   static V splat(float x) { return V(x); }
   static V exp(const V& x) { return kLean ? fast_exp_lean(x) : fast_exp(x); }
-  static V exp_bounded(const V& x) { return fast_exp_bounded(x); }
+  static V exp_neg_bounded(const V& x) { return fast_exp_bounded(x.neg()); }
+  static V exp_neg_small(const V& x) { return fast_exp_bounded(x.neg()); }
   static V recip(const V& x) { return V(1.0f) / x; }
   static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   // NaN-dropping min/max (maxps/minps return the second operand on NaN); see ScalarOps.

@@ -83,30 +83,86 @@ inline const int64_t* device_seed_ptr(const GolInputs& in) {
   return in.seed.device() == in.logits.device() ? in.seed.data_ptr<int64_t>() : nullptr;
 }
 
-// The labels pre-pass (count_labels_kernel) into a fresh 4 x int64 workspace (a LabelCounts).
+// What prepare_kernel writes for a call: the zeroed header (label statistics, ticket), one
+// RowFact per row and the C drop flags.
+struct Prepared {
+  at::Tensor header, rows, drop_flags;
+  const CallHeader* header_ptr() const {
+    return reinterpret_cast<const CallHeader*>(header.data_ptr());
+  }
+};
+
 template <class Runtime>
-at::Tensor launch_count_labels(Runtime& rt, const GolInputs& in) {
-  at::Tensor workspace = at::empty({4}, in.labels.options());
+Prepared launch_prepare(Runtime& rt, const GolInputs& in) {
   const GolParams& p = in.params;
-  rt.launch(count_labels_kernel, Launch{1, kThreads, 0}, in.labels.data_ptr<int64_t>(),
-            device_ptr<const bool>(in.drop_classes), p.num_rows, p.num_classes, p.ignore_index,
-            reinterpret_cast<LabelCounts*>(workspace.data_ptr<int64_t>()));
-  return workspace;
+  const auto bytes = in.logits.options().dtype(at::kByte);
+  static_assert(sizeof(CallHeader) % sizeof(int64_t) == 0, "CallHeader is whole int64 words");
+  Prepared out;
+  out.header = at::zeros({static_cast<int64_t>(sizeof(CallHeader))}, bytes);
+  out.drop_flags = at::empty({p.num_classes}, bytes);
+  AT_DISPATCH_FLOATING_TYPES(in.logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat,
+                             "gol_prepare", [&] {
+    out.rows = at::empty({p.num_rows * static_cast<int64_t>(sizeof(RowFact<scalar_t>))}, bytes);
+    rt.launch(prepare_kernel<scalar_t>,
+              Launch{grid_size(rt, p.num_rows + p.num_classes), kThreads, 0},
+              in.labels.data_ptr<int64_t>(), device_ptr<const bool>(in.drop_classes),
+              device_ptr<const scalar_t>(in.row_weight), p.num_rows, p.num_classes,
+              p.ignore_index, device_ptr<RowFact<scalar_t>>(out.rows),
+              device_ptr<uint8_t>(out.drop_flags), device_ptr<CallHeader>(out.header));
+  });
+  return out;
 }
 
 // Called after the launches so that the copy overlaps the fused pass.
 template <class Runtime>
-void raise_on_bad_label(Runtime& rt, const GolInputs& in, const at::Tensor& workspace) {
+void raise_on_bad_label(Runtime& rt, const GolInputs& in, const Prepared& prepared) {
   if (!check_labels_on_host() || !rt.host_sync_allowed()) return;
   const auto relaxed = rt.relaxed_capture_guard();
-  const int64_t first_bad = workspace[3].item<int64_t>();
-  if (first_bad != kNoBadLabel) {
+  // first_bad_code is the header's fourth 8-byte word.
+  const at::Tensor words = prepared.header.view(at::kLong);
+  const uint64_t code = static_cast<uint64_t>(words[3].item<int64_t>());
+  if (code != 0) {
+    const int64_t first_bad = static_cast<int64_t>(~code);
     const GolParams& p = in.params;
     const int64_t value = in.labels[first_bad].item<int64_t>();
     TORCH_CHECK_VALUE(false, "gol_loss: labels[", first_bad, "] = ", value,
                       " is out of range: expected a class in [0, ", p.num_classes - 1, "], ",
                       p.num_classes, " for background, or ignore_index=", p.ignore_index);
   }
+}
+
+// The math a call's float kernels run (csrc/gol_math.h), fixed per launch.
+inline MathKind math_kind(const GolParams& p, bool float64) {
+  if (p.activation == Activation::kSigmoid) return MathKind::kSigmoid;
+  if (float64) return MathKind::kClosed;
+  return clamp_is_bounded(p.clamp_min, p.clamp_max) ? MathKind::kBounded : MathKind::kSeries;
+}
+
+// The fused kernel for a call: its element type, math kind, grad mode and where its seed is.
+template <typename dev_t, bool kSeedOnDevice>
+auto rows_kernel_for(MathKind kind, GradMode grad_mode) {
+  using Kernel = void (*)(const RowsArgs<dev_t>);
+  constexpr GradMode kRef = GradMode::kReference, kExact = GradMode::kExact;
+  const bool exact = grad_mode == kExact;
+  if (kind == MathKind::kSigmoid) {
+    return Kernel(gol_rows_kernel<dev_t, MathKind::kSigmoid, kRef, kSeedOnDevice>);
+  }
+  if constexpr (std::is_same_v<dev_t, double>) {
+    return exact ? Kernel(gol_rows_kernel<dev_t, MathKind::kClosed, kExact, kSeedOnDevice>)
+                 : Kernel(gol_rows_kernel<dev_t, MathKind::kClosed, kRef, kSeedOnDevice>);
+  } else if (kind == MathKind::kBounded) {
+    return exact ? Kernel(gol_rows_kernel<dev_t, MathKind::kBounded, kExact, kSeedOnDevice>)
+                 : Kernel(gol_rows_kernel<dev_t, MathKind::kBounded, kRef, kSeedOnDevice>);
+  } else {
+    return exact ? Kernel(gol_rows_kernel<dev_t, MathKind::kSeries, kExact, kSeedOnDevice>)
+                 : Kernel(gol_rows_kernel<dev_t, MathKind::kSeries, kRef, kSeedOnDevice>);
+  }
+}
+
+template <typename dev_t>
+auto rows_kernel_for(MathKind kind, GradMode grad_mode, bool seed_on_device) {
+  return seed_on_device ? rows_kernel_for<dev_t, true>(kind, grad_mode)
+                        : rows_kernel_for<dev_t, false>(kind, grad_mode);
 }
 
 template <class Runtime>
@@ -117,10 +173,15 @@ std::tuple<at::Tensor, at::Tensor> gol_loss(
     c10::string_view mode, c10::string_view activation, c10::string_view reduction,
     std::optional<double> clamp_min, std::optional<double> clamp_max, c10::string_view grad_mode,
     int64_t ignore_index, bool need_grad) {
-  const GolInputs in = prepare_gol_inputs(logits, labels, drop_classes, class_weight, row_weight,
-                                          seed, offset, mode, activation, reduction, clamp_min,
-                                          clamp_max, grad_mode, ignore_index, need_grad);
+  GolInputs in = prepare_gol_inputs(logits, labels, drop_classes, class_weight, row_weight, seed,
+                                    offset, mode, activation, reduction, clamp_min, clamp_max,
+                                    grad_mode, ignore_index, need_grad);
   Runtime rt(in.logits);
+  // The fused kernel's vector loads need 16-byte (8 for 16-bit types) aligned logits; a storage
+  // offset can break that: such logits are copied (the outputs are allocated aligned).
+  if (reinterpret_cast<uintptr_t>(in.logits.data_ptr()) % (kChunk * in.logits.element_size()) != 0) {
+    in.logits = in.logits.clone();
+  }
   at::Tensor loss = allocate_loss(in);
   at::Tensor grad = allocate_grad(in);
   const GolParams& p = in.params;
@@ -128,35 +189,32 @@ std::tuple<at::Tensor, at::Tensor> gol_loss(
     loss.zero_();
     return {loss, grad};
   }
-  const at::Tensor workspace = launch_count_labels(rt, in);
-  auto* counts = reinterpret_cast<const LabelCounts*>(workspace.data_ptr<int64_t>());
-  const int64_t total = p.num_rows * p.num_classes;
-  const int64_t blocks = grid_size(rt, (total + kChunk - 1) / kChunk);
+  const Prepared prepared = launch_prepare(rt, in);
+  // A warp per row, at most the runtime's grid limit of blocks (a grid-stride loop over rows).
+  const int64_t blocks = grid_size(rt, p.num_rows * kWarp);
   at::Tensor partials = at::empty({blocks}, in.logits.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "gol_loss_cuda", [&] {
     using dev_t = device_scalar_t<scalar_t>;
     using math_t = math_type_t<dev_t>;
-    const dev_t* q = device_ptr<const dev_t>(in.logits);
-    dev_t* g = p.need_grad ? device_ptr<dev_t>(grad) : nullptr;
-    dev_t* l = p.reduction == Reduction::kNone ? device_ptr<dev_t>(loss) : nullptr;
-    // The vector path needs every N x C pointer aligned to a whole chunk (a storage offset can
-    // break that): else the scalar loads and stores.
-    constexpr uintptr_t kAlign = sizeof(Chunk<dev_t>);
-    const bool aligned = reinterpret_cast<uintptr_t>(q) % kAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(g) % kAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(l) % kAlign == 0;
-    const auto kernel = aligned ? gol_loss_kernel<dev_t, true> : gol_loss_kernel<dev_t, false>;
-    rt.launch(kernel, Launch{blocks, kThreads, 0}, q, in.labels.data_ptr<int64_t>(),
-              device_ptr<const bool>(in.drop_classes), device_ptr<const math_t>(in.class_weight),
-              device_ptr<const math_t>(in.row_weight), counts, device_seed_ptr(in), p, g, l,
-              partials.data_ptr<double>());
-    if (p.reduction != Reduction::kNone) {
-      rt.launch(sum_partials_kernel<math_t>, Launch{1, kThreads, 0},
-                partials.data_ptr<double>(), blocks, counts, p.reduction == Reduction::kMean,
-                loss.data_ptr<math_t>());
-    }
+    RowsArgs<dev_t> args{};
+    args.logits = device_ptr<const dev_t>(in.logits);
+    args.rows = device_ptr<const RowFact<math_t>>(prepared.rows);
+    args.drop_flags = device_ptr<const uint8_t>(prepared.drop_flags);
+    args.has_drop = in.drop_classes.defined();
+    args.class_weight = device_ptr<const math_t>(in.class_weight);
+    args.device_seed = device_seed_ptr(in);
+    args.round_keys = philox_round_keys(p.philox);
+    args.header = const_cast<CallHeader*>(prepared.header_ptr());
+    args.params = p;
+    args.grad = p.need_grad ? device_ptr<dev_t>(grad) : nullptr;
+    args.loss_none = p.reduction == Reduction::kNone ? device_ptr<dev_t>(loss) : nullptr;
+    args.partials = partials.data_ptr<double>();
+    args.loss = p.reduction == Reduction::kNone ? nullptr : loss.data_ptr<math_t>();
+    const MathKind kind = math_kind(p, std::is_same_v<dev_t, double>);
+    rt.launch(rows_kernel_for<dev_t>(kind, p.grad_mode, args.device_seed != nullptr),
+              Launch{blocks, kThreads, 0}, args);
   });
-  raise_on_bad_label(rt, in, workspace);
+  raise_on_bad_label(rt, in, prepared);
   return {loss, grad};
 }
 
@@ -181,8 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gol_loss_class_stats(
     loss.zero_();
     return {loss, grad, pos_stats, neg_stats};
   }
-  const at::Tensor workspace = launch_count_labels(rt, in);
-  auto* counts = reinterpret_cast<const LabelCounts*>(workspace.data_ptr<int64_t>());
+  const Prepared prepared = launch_prepare(rt, in);
   const int64_t blocks = (p.num_rows + kStatsRows - 1) / kStatsRows;
   at::Tensor loss_partials = at::empty({blocks}, in.logits.options().dtype(at::kDouble));
   at::Tensor stat_partials =
@@ -191,19 +248,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gol_loss_class_stats(
     using dev_t = device_scalar_t<scalar_t>;
     using math_t = math_type_t<dev_t>;
     rt.launch(gol_loss_class_stats_kernel<dev_t>, Launch{blocks, kThreads, 0},
-              device_ptr<const dev_t>(in.logits), in.labels.data_ptr<int64_t>(),
-              device_ptr<const bool>(in.drop_classes), device_ptr<const math_t>(in.class_weight),
-              device_ptr<const math_t>(in.pos_weight), device_ptr<const math_t>(in.row_weight),
-              counts, device_seed_ptr(in), p, device_ptr<dev_t>(grad),
+              device_ptr<const dev_t>(in.logits), device_ptr<const RowFact<math_t>>(prepared.rows),
+              in.drop_classes.defined() ? device_ptr<const uint8_t>(prepared.drop_flags) : nullptr,
+              device_ptr<const math_t>(in.class_weight), device_ptr<const math_t>(in.pos_weight),
+              prepared.header_ptr(), device_seed_ptr(in), p, device_ptr<dev_t>(grad),
               loss_partials.data_ptr<double>(), stat_partials.data_ptr<double>());
     rt.launch(sum_partials_kernel<math_t>, Launch{1, kThreads, 0},
-              loss_partials.data_ptr<double>(), blocks, counts, p.reduction == Reduction::kMean,
-              loss.data_ptr<math_t>());
+              loss_partials.data_ptr<double>(), blocks, prepared.header_ptr(),
+              p.reduction == Reduction::kMean, loss.data_ptr<math_t>());
   });
   rt.launch(sum_class_stats_kernel, Launch{(p.num_classes + kThreads - 1) / kThreads, kThreads, 0},
             stat_partials.data_ptr<double>(), blocks, p.num_classes, pos_stats.data_ptr<double>(),
             neg_stats.data_ptr<double>());
-  raise_on_bad_label(rt, in, workspace);
+  raise_on_bad_label(rt, in, prepared);
   return {loss, grad, pos_stats, neg_stats};
 }
 
@@ -240,11 +297,20 @@ void scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
                     grad_output.device(), " but the gradient is on ", grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
-  const at::Tensor scale = grad_output.reshape({}).to(at::kDouble);
+  // The loss's upstream gradient is float32 or float64: read as it is, no conversion launch.
+  const bool as_is = grad_output.scalar_type() == at::kFloat ||
+                     grad_output.scalar_type() == at::kDouble;
+  const at::Tensor scale = as_is ? grad_output.contiguous() : grad_output.to(at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
     using dev_t = device_scalar_t<scalar_t>;
-    rt.launch(scale_grad_kernel<dev_t>, Launch{grid_size(rt, n), kThreads, 0},
-              device_ptr<dev_t>(grad), scale.data_ptr<double>(), n);
+    const Launch launch{grid_size(rt, n), kThreads, 0};
+    if (scale.scalar_type() == at::kDouble) {
+      rt.launch(scale_grad_kernel<dev_t, double>, launch, device_ptr<dev_t>(grad),
+                scale.data_ptr<double>(), n);
+    } else {
+      rt.launch(scale_grad_kernel<dev_t, float>, launch, device_ptr<dev_t>(grad),
+                scale.data_ptr<float>(), n);
+    }
   });
 }
 

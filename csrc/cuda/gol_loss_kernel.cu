@@ -2,9 +2,10 @@
 // the GPU's Runtime for the shared host logic of csrc/cuda/gol_host.h, which launches the
 // device code of csrc/cuda/gol_kernels.cuh on the current stream.
 //
-// A gol_loss call is three launches (labels pre-pass, fused pass, ordered sum of the partials)
-// and, by default, one host sync: the label check's 8-byte copy (gol_host.h,
-// raise_on_bad_label), skipped under CUDA-graph capture and with GUMBEL_CUDA_CHECK_LABELS=0.
+// A gol_loss call is three launches (a memset of the small header, the per-row/per-column
+// prepare kernel, the fused pass with its last-block final sum) and, by default, one host sync:
+// the label check's 8-byte copy (gol_host.h, raise_on_bad_label), skipped under CUDA-graph
+// capture and with GUMBEL_CUDA_CHECK_LABELS=0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,7 +66,7 @@ class CudaRuntime {
   // current device: "" if so, else the reason ("auto" then falls back to Triton).
   static std::string missing_image_reason() {
     cudaFuncAttributes attributes;
-    const cudaError_t status = cudaFuncGetAttributes(&attributes, count_labels_kernel);
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, sum_class_stats_kernel);
     if (status == cudaSuccess) return "";
     (void)cudaGetLastError();
     return cudaGetErrorString(status);

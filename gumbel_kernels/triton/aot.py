@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Tuple
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -56,17 +57,42 @@ def _loss_kernel_variants() -> Iterator[Variant]:
             ("class_weight_ptr", f"*{math}"), ("row_weight_ptr", f"*{math}"),
             ("counts_ptr", "*i64"), ("ratio_ptr", "*fp32"), ("seed_ptr", "*i64"),
             ("grad_ptr", f"*{element}"), ("loss_ptr", f"*{element}"), ("partials_ptr", "*fp64"),
-            ("first_tile", "i32"), ("total", total), ("num_rows", "i32"), ("num_classes", "i32"),
+            ("first_tile", "i32"), ("end_tile", "i32"), ("tiles_per_program", "i32"),
+            ("first_partial", "i32"), ("total", total), ("num_rows", "i32"), ("num_classes", "i32"),
             ("ignore_index", "i32"), ("offset_lo", "i32"), ("offset_hi", "i32"),
-            ("lo_bits", "i64"), ("hi_bits", "i64"),
+            ("lo_bits", "i64"), ("hi_bits", "i64"), ("inv_c_bits", "i64"),
             *((name, "i32") for name in kernels._RUNTIME_SWITCHES))
         constants = (("GUMBEL", gumbel), ("BOUNDED", bounded), ("GRAD_EXACT", exact),
                      ("FLOAT64", float64), ("WIDE_ROWS", wide), ("FULL", full),
-                     ("GROUPS", tile // 4))
+                     ("GROUPS", tile // 4), ("COMMON_PATH_ONLY", False))
         label = (f"{dtype} {activation}{' bounded' if bounded else ''}"
                  f"{' exact' if exact else ''} {'wide' if wide else 'narrow'}"
                  f"{'' if full else ' tail'} total:{total}")
-        yield Variant("_gol_loss_kernel", signature, constants, kernels._num_warps(tile), label)
+        yield Variant("_gol_loss_kernel", signature, constants, kernels._num_warps(tile), label,
+                      kernels.register_cap(full, getattr(torch, dtype), bounded, wide))
+
+
+# The runtime switches of the fused kernel on GOL's common path (DropLoss, no class or row
+# weights, a gradient, a scalar mean loss): bound as constants, with COMMON_PATH_ONLY (a tile of
+# background rows), they leave the SASS of exactly what that path executes
+# (bench/sass_report.py counts it).
+COMMON_PATH_SWITCHES = dict(drop_mode=2, has_class_weight=0, has_row_weight=0, need_grad=1,
+                            store_loss=0, mean=1)
+
+
+def common_path_variants() -> Iterator[Variant]:
+    """The fused kernel on the common path: float32 and bfloat16, the bounded math, the
+    reference gradient, a whole wide tile, its runtime switches bound."""
+    for variant in _loss_kernel_variants():
+        constants = dict(variant.constants)
+        dtype = variant.label.split()[0]
+        if (dtype in ("float32", "bfloat16") and constants["BOUNDED"] and not constants["GRAD_EXACT"]
+                and constants["WIDE_ROWS"] and constants["FULL"] and "total:i32" in variant.label):
+            signature = tuple((n, t) for n, t in variant.signature if n not in COMMON_PATH_SWITCHES)
+            constants.update(COMMON_PATH_SWITCHES, COMMON_PATH_ONLY=True)
+            yield Variant(variant.kernel, signature, tuple(constants.items()),
+                          variant.num_warps, variant.label + ", switches bound",
+                          variant.options)
 
 
 def variants() -> Iterator[Variant]:
@@ -102,4 +128,5 @@ def compile_variant(variant: Variant, target: GPUTarget = HOPPER):
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn, signature, constexprs=constants,
                        attrs=_pointer_attrs(fn, variant.signature))
-    return triton.compile(source, target=target, options={"num_warps": variant.num_warps})
+    return triton.compile(source, target=target,
+                          options={"num_warps": variant.num_warps, **variant.options})

@@ -53,8 +53,9 @@ LOG2E_LO = tl.constexpr(1.925963033500011e-08)  # log2(e) - float32(log2(e))
 LN2 = tl.constexpr(0.6931471805599453)
 # Clamps inside these bounds take the bounded path (csrc/gol_math.h, kBoundedClamp*).
 BOUNDED_CLAMP = (-4.0, 27.0)
-MAX_TILE = 1024  # flat elements per program: 8 per thread with 4 warps
+MAX_TILE = 1024  # flat elements per tile: 4 per thread (one Philox group) with 8 warps
 NARROW_TILE = 256  # C < MAX_TILE
+MAX_PROGRAMS = 1024  # of the fused kernel (each walks consecutive tiles)
 STATS_BLOCK = 1024
 FINALIZE_BLOCK = 1024
 SCALE_BLOCK = 1024
@@ -146,14 +147,36 @@ def _small_t_series(qc, t):
 
 
 @triton.jit
-def _gumbel_bounded(q, positive, lo, hi, GRAD_EXACT: tl.constexpr):
+def _exp_neg_small(x):
+    """exp(-x) for |x| <= 27 (t = exp(-qc) of a bounded clamp): _exp without log2(e)'s own
+    rounding error, which matters only where t is tiny (csrc/gol_math.h, exp_neg_small)."""
+    y = x * LOG2E
+    error = tl.fma(x, LOG2E, -y)
+    power = tl.exp2(-y)
+    return tl.fma(power * error, -LN2, power)
+
+
+@triton.jit
+def _exp_neg_bounded(x):
+    """exp(-x) for 0 < x <= 55 (p = exp(-t) of a bounded clamp): _exp without its guard for
+    infinite arguments, which cannot occur here (csrc/gol_math.h, exp_neg_bounded)."""
+    y = x * LOG2E
+    error = tl.fma(x, LOG2E_LO, tl.fma(x, LOG2E, -y))
+    power = tl.exp2(-y)
+    return tl.fma(power * error, -LN2, power)
+
+
+@triton.jit
+def _gumbel_bounded(q, lo, hi, GRAD_EXACT: tl.constexpr, POSITIVES: tl.constexpr, positive):
     """float32, a clamp inside [-4, 27]: t = exp(-qc) in [1.9e-12, 54.6], so nothing over- or
     underflows, the loss stays below its cap and BCE's eps bites only through p < 1e-12.
     t < 1: the series; t >= 1: -log(1 - p) = p Q(p) (csrc/gol_math.h's fitted polynomial) and
-    p t / (1 - p) with one reciprocal. Positives: t, and -t (or BCE's dead zone)."""
-    qc = _clamp(q, lo, hi)
-    t = _exp(-qc)
-    p = _exp(-t)
+    p t / (1 - p) with one reciprocal. POSITIVES: `positive` marks elements with y = 1 (t, and
+    -t or BCE's dead zone); without, all are negatives (a tile of background rows).
+    The clamp drops a NaN (min/max): the caller's poison term q - q surfaces it."""
+    qc = tl.minimum(tl.maximum(q, lo), hi)
+    t = _exp_neg_small(qc)
+    p = _exp_neg_bounded(t)
     loss_low, grad_low = _small_t_series(qc, t)
     q_poly = _horner4(p, _horner4(p, 0.574717104, -0.203410551, 0.288397342, 0.177490458),
                       0.252199203, 0.333229631, 0.500001848)
@@ -162,17 +185,23 @@ def _gumbel_bounded(q, positive, lo, hi, GRAD_EXACT: tl.constexpr):
     # p (1 - p) < eps needs p < 1/2 here (t >= 1.9e-12 keeps (1 - p) p above eps near p = 1),
     # where 1 - p has no cancellation either: no expm1 is needed.
     one_minus_p = 1.0 - p
-    factor = 1.0 / one_minus_p
+    # 1 / (1 - p) as rsqrt((1 - p)^2): one MUFU.RSQ (about 2 ulp) where a division adds range
+    # fix-ups that 1 - p in [0.63, 1] never needs (the CUDA kernel uses rcp.approx alike).
+    factor = tl.math.rsqrt(one_minus_p * one_minus_p)
     pt = p * t
-    grad_positive = -t
     if not GRAD_EXACT:
         factor = tl.where(p < BCE_EPS, p * INV_BCE_EPS, factor)
-        dead_zone = -pt * one_minus_p * INV_BCE_EPS
-        in_dead_zone = (p < 0.5) & (p * one_minus_p < BCE_EPS)
-        grad_positive = tl.where(in_dead_zone, dead_zone, grad_positive)
     low = t < 1.0
-    loss = tl.where(positive, t, tl.where(low, loss_low, loss_high))
-    grad = tl.where(positive, grad_positive, tl.where(low, grad_low, pt * factor))
+    loss = tl.where(low, loss_low, loss_high)
+    grad = tl.where(low, grad_low, pt * factor)
+    if POSITIVES:
+        grad_positive = -t
+        if not GRAD_EXACT:
+            dead_zone = -pt * one_minus_p * INV_BCE_EPS
+            in_dead_zone = (p < 0.5) & (p * one_minus_p < BCE_EPS)
+            grad_positive = tl.where(in_dead_zone, dead_zone, grad_positive)
+        loss = tl.where(positive, t, loss)
+        grad = tl.where(positive, grad_positive, grad)
     return loss, grad
 
 
@@ -253,24 +282,66 @@ def _sigmoid_bce(q, positive, FLOAT64: tl.constexpr):
 
 
 @triton.jit
-def _philox_uniforms(seed, first_group, offset_lo, offset_hi, GROUPS: tl.constexpr):
-    """u of the flat elements 4 * first_group + [0, 4 * GROUPS), as a [GROUPS, 4] block.
+def _philox_round_keys(seed):
+    """The ten round keys (k0_r, k1_r) of Philox4x32-10 for a 64-bit seed (key = (lo32, hi32)),
+    computed once per program: tl.philox would add them up again in every call."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    keys = (k0, k1)
+    for _ in tl.static_range(9):
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        keys = keys + (k0, k1)
+    return keys
 
-    SPEC.md section 4: element e takes word (e & 3) of the Philox4x32-10 call with counter
-    (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and key (lo32(seed), hi32(seed))
-    (tl.philox splits a 64-bit seed into that key). Each group's call is made on a [GROUPS, 1]
-    column, which broadcasts along the four elements its thread holds; u = (x >> 8) * 2^-24 is
-    exact in float32.
-    """
+
+@triton.jit
+def _philox_words(keys, first_group, offset_lo, offset_hi, GROUPS: tl.constexpr):
+    """The Philox words of the flat elements 4 * first_group + [0, 4 * GROUPS), as a
+    [GROUPS, 4] block: element e takes word (e & 3) of the Philox4x32-10 call with counter
+    (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and the seed's round keys
+    (SPEC.md section 4; the rounds of tl.philox, Random123's). Each group's call is made on a
+    [GROUPS, 1] column, which broadcasts along the four elements its thread holds."""
     group = first_group + tl.arange(0, GROUPS).to(tl.int64)[:, None]
     c0 = (group & 0xFFFFFFFF).to(tl.uint32)
     c1 = (group >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + offset_lo.to(tl.uint32)
     c3 = tl.zeros_like(c0) + offset_hi.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    for r in tl.static_range(10):
+        previous_c0, previous_c2 = c0, c2
+        c0 = tl.math.umulhi(0xCD9E8D57, previous_c2) ^ c1 ^ keys[2 * r]
+        c2 = tl.math.umulhi(0xD2511F53, previous_c0) ^ c3 ^ keys[2 * r + 1]
+        c1 = tl.mul(0xCD9E8D57, previous_c2, sanitize_overflow=False)
+        c3 = tl.mul(0xD2511F53, previous_c0, sanitize_overflow=False)
     word = tl.arange(0, 4)[None, :]
-    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+
+
+@triton.jit
+def _philox_uniforms(seed, first_group, offset_lo, offset_hi, GROUPS: tl.constexpr):
+    """u = (x >> 8) 2^-24 of _philox_words' words: exact in float32, in [0, 1)."""
+    bits = _philox_words(_philox_round_keys(seed), first_group, offset_lo, offset_hi, GROUPS)
     return (bits >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _row_code(label, num_classes, ignore_index):
+    """A row's kind in one int32: its positive column (a foreground row), -1 a background row,
+    -2 an ignored row, -3 a bad label (outside [0, C]: its row is NaN)."""
+    bad = (label < 0) | (label > num_classes)
+    code = tl.where(label == num_classes, -1, label)
+    code = tl.where(bad, -3, code)
+    code = tl.where(label == ignore_index, -2, code)
+    return code.to(tl.int32)
+
+
+@triton.jit
+def _threshold_bits(ratio):
+    """u = (x >> 8) 2^-24 > ratio for a Philox word x, as x > this (csrc/cuda/gol_kernels.cuh,
+    drop_threshold_bits): ratio 2^24 is exact, floor(ratio 2^24) 2^8 + 255."""
+    top = (ratio * 16777216.0).to(tl.uint32)
+    return (top << 8) | 0xFF
 
 
 @triton.jit
@@ -327,106 +398,216 @@ _RUNTIME_SWITCHES = ["drop_mode", "has_class_weight", "has_row_weight", "need_gr
                      "store_loss", "mean"]
 
 
-@triton.jit(do_not_specialize=["first_tile", "total", "num_rows", "num_classes", "ignore_index", "offset_lo",
-                               "offset_hi", "lo_bits", "hi_bits", *_RUNTIME_SWITCHES])
+@triton.jit(do_not_specialize=["first_tile", "end_tile", "tiles_per_program", "first_partial",
+                               "total", "num_rows", "num_classes", "ignore_index",
+                               "offset_lo", "offset_hi", "lo_bits", "hi_bits", "inv_c_bits",
+                               *_RUNTIME_SWITCHES])
 def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr,
                      counts_ptr, ratio_ptr, seed_ptr, grad_ptr, loss_ptr, partials_ptr,
-                     first_tile, total, num_rows, num_classes, ignore_index, offset_lo,
-                     offset_hi, lo_bits, hi_bits, drop_mode, has_class_weight, has_row_weight,
+                     first_tile, end_tile, tiles_per_program, first_partial, total, num_rows,
+                     num_classes, ignore_index, offset_lo,
+                     offset_hi, lo_bits, hi_bits, inv_c_bits, drop_mode, has_class_weight,
+                     has_row_weight,
                      need_grad, store_loss, mean, GUMBEL: tl.constexpr, BOUNDED: tl.constexpr,
                      GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr, WIDE_ROWS: tl.constexpr,
-                     FULL: tl.constexpr, GROUPS: tl.constexpr):
+                     FULL: tl.constexpr, GROUPS: tl.constexpr,
+                     COMMON_PATH_ONLY: tl.constexpr = False):
+    # Program p walks tiles first_tile + p * tiles_per_program ... (up to end_tile), one after
+    # the other, and writes one loss partial (partials[first_partial + p]): the per-call setup
+    # and the block reduction are paid once per program, not once per tile.
     # drop_mode: 0 no drop, 1 eql (foreground rows), 2 droploss (and background rows).
     # WIDE_ROWS: TILE <= C, so a tile spans at most two rows. FULL: every element of the tile
     # exists (all tiles but a partial last one, which a second launch of one program does).
+    # COMMON_PATH_ONLY (bench/sass_report.py only, never launched): the tile is taken to hold
+    # background rows alone, with drops, so that the SASS is exactly that path's, to count.
     TILE: tl.constexpr = 4 * GROUPS
     math_dtype = tl.float64 if FLOAT64 else tl.float32
     lo = _float64_from_bits(lo_bits).to(math_dtype)
     hi = _float64_from_bits(hi_bits).to(math_dtype)
 
-    # int64 flat indices: N * C may exceed 2^31; the columns fit 32 bits.
-    tile_index = first_tile + tl.program_id(0)
-    start = tile_index.to(tl.int64) * TILE
+    rows = tl.maximum(tl.load(counts_ptr), 1).to(math_dtype)
+    grad_scale = tl.where(mean != 0, 1.0 / rows, 1.0)
+    ratio = tl.load(ratio_ptr)
+    draws = (drop_mode == 2) & (ratio < 1.0)
+    threshold = _threshold_bits(ratio)
+    round_keys = _philox_round_keys(tl.load(seed_ptr))
+    inv_c = _float64_from_bits(inv_c_bits)
+
+    tile = first_tile + tl.program_id(0) * tiles_per_program
+    last = tl.minimum(tile + tiles_per_program, end_tile)
+    # int64 flat indices: N * C may exceed 2^31; the columns fit 32 bits. The first tile's row
+    # and column by a division, the next ones' by stepping (TILE <= C: at most one row wrap).
+    start = tile.to(tl.int64) * TILE
+    first_row, first_col = _row_and_column(start, num_classes, inv_c)
+    # One running sum per group, each tile's four losses added first (within the thread that
+    # holds the group): a fixed order, and one register per group where four would spill.
+    total_loss = tl.zeros([GROUPS], dtype=math_dtype)
+    while tile < last:
+        if not WIDE_ROWS:
+            first_row, first_col = _row_and_column(start, num_classes, inv_c)
+        total_loss += tl.sum(_tile(
+            logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, round_keys,
+            grad_ptr, loss_ptr, start, first_row, first_col, total, num_rows, num_classes,
+            ignore_index, offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold,
+            drop_mode, has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL, BOUNDED,
+            GRAD_EXACT, FLOAT64, WIDE_ROWS, FULL, GROUPS, COMMON_PATH_ONLY), axis=1)
+        tile += 1
+        start += TILE
+        if WIDE_ROWS:
+            first_col += TILE
+            if first_col >= num_classes:
+                first_col -= num_classes
+                first_row += 1
+    tl.store(partials_ptr + first_partial + tl.program_id(0), tl.sum(total_loss).to(tl.float64))
+
+
+@triton.jit
+def _row_and_column(start, num_classes, inv_c):
+    """(start // C, start % C), the quotient as floor(start * (1 / C)) in float64 (a 64-bit
+    integer division is a subroutine call), corrected by one where the product rounded across
+    an integer."""
+    row = (start.to(tl.float64) * inv_c).to(tl.int64)
+    row = tl.where(row * num_classes > start, row - 1, row)
+    row = tl.where((row + 1) * num_classes <= start, row + 1, row)
+    # Both fit 32 bits (N < 2^31): a loop-carried row in one register, not two.
+    return row.to(tl.int32), (start - row * num_classes).to(tl.int32)
+
+
+@triton.jit
+def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, round_keys,
+          grad_ptr,
+          loss_ptr, start, first_row, first_col, total, num_rows, num_classes, ignore_index,
+          offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold, drop_mode,
+          has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL: tl.constexpr,
+          BOUNDED: tl.constexpr, GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr,
+          WIDE_ROWS: tl.constexpr, FULL: tl.constexpr, GROUPS: tl.constexpr,
+          COMMON_PATH_ONLY: tl.constexpr):
+    """One tile of TILE = 4 * GROUPS flat elements from `start` (row first_row, column
+    first_col): gradient and "none" losses stored, the weighted losses returned."""
+    TILE: tl.constexpr = 4 * GROUPS
+    math_dtype = tl.float64 if FLOAT64 else tl.float32
     local = tl.arange(0, GROUPS)[:, None] * 4 + tl.arange(0, 4)[None, :]
     flat = start + local
     if FULL:
         in_range = tl.full([GROUPS, 4], 1, tl.int1)  # constant: the loads and stores unmasked
     else:
         in_range = flat < total
-    first_row = start // num_classes
-    first_col = (start - first_row * num_classes).to(tl.int32)
-    if WIDE_ROWS:
-        col = first_col + local
-        second = col >= num_classes
-        col = tl.where(second, col - num_classes, col)
-        row = first_row + second.to(tl.int64)
-        has_second = first_row + 1 < num_rows
-        label_a = tl.load(labels_ptr + first_row)
-        label_b = tl.load(labels_ptr + first_row + 1, mask=has_second, other=ignore_index)
-        label = tl.where(second, label_b, label_a)
-        tile_has_background = (label_a == num_classes) | (label_b == num_classes)
-    else:
-        offset = first_col + local
-        row_step = offset // num_classes
-        col = offset - row_step * num_classes
-        row = first_row + row_step.to(tl.int64)
-        label = tl.load(labels_ptr + row, mask=in_range, other=ignore_index)
-        tile_has_background = tl.max((label == num_classes).to(tl.int32)) > 0
-
-    valid = in_range & (label != ignore_index)
-    bad = valid & ((label < 0) | (label > num_classes))
-    foreground = valid & (label >= 0) & (label < num_classes)
-    positive = foreground & (col == label)
-
+    # The column tables hold each column twice (drop flags and class weights of 2C columns),
+    # so that first_col + local indexes them across a row boundary with no wrap.
+    col_ext = first_col + local
     q = tl.load(logits_ptr + flat, mask=in_range, other=0.0).to(math_dtype)
+    poison = q - q  # NaN for a NaN/Inf logit, which the clamp would otherwise hide
+    if WIDE_ROWS:
+        has_second = first_row + 1 < num_rows
+        code_a = _row_code(tl.load(labels_ptr + first_row), num_classes, ignore_index)
+        code_b = _row_code(tl.load(labels_ptr + first_row + 1, mask=has_second,
+                                   other=ignore_index), num_classes, ignore_index)
+        in_first_row = first_col + TILE <= num_classes
+        # GOL's usual tile: every element in background rows (three in four rows are).
+        uniform_background = FULL & (code_a == -1) & ((code_b == -1) | in_first_row)
+    else:
+        uniform_background: tl.constexpr = False  # constexpr: the branch below is not compiled
+    if COMMON_PATH_ONLY:
+        uniform_background: tl.constexpr = True
 
-    # w = (0 if dropped) * class weight * row weight, in the reference's order: 0 * w keeps a
-    # NaN/Inf weight visible.
-    w = tl.full([GROUPS, 4], 1.0, math_dtype)
-    if has_class_weight != 0:
-        w = tl.load(class_weight_ptr + col, mask=in_range, other=0.0).to(math_dtype)
-    if drop_mode != 0:
-        is_drop = tl.load(drop_ptr + col, mask=in_range, other=0) != 0
-        # Foreground rows: a drop class's negatives weigh 0 (EQL and DropLoss).
-        w = tl.where(foreground & is_drop & ~positive, w * 0.0, w)
-        if drop_mode == 2:
-            ratio = tl.load(ratio_ptr)
-            if tile_has_background & (ratio < 1.0):
-                seed = tl.load(seed_ptr)
-                u = _philox_uniforms(seed, start >> 2, offset_lo, offset_hi, GROUPS)
-                background = valid & (label == num_classes)
-                w = tl.where(background & is_drop & (u > ratio), w * 0.0, w)
-    if has_row_weight != 0:
-        if WIDE_ROWS:
+    if uniform_background:
+        # No per-element row logic: no positives, nothing ignored, every drop class's negative
+        # dropped where its uniform exceeds the ratio.
+        w = tl.full([GROUPS, 4], 1.0, math_dtype)
+        if has_class_weight != 0:
+            w = tl.load(class_weight_ptr + col_ext).to(math_dtype)
+        if draws:
+            is_drop = tl.load(drop_ptr + col_ext) != 0
+            bits = _philox_words(round_keys, start >> 2, offset_lo, offset_hi, GROUPS)
+            w = tl.where(is_drop & (bits > threshold), w * 0.0, w)
+        if has_row_weight != 0:
+            second = col_ext >= num_classes
             weight_a = tl.load(row_weight_ptr + first_row)
             weight_b = tl.load(row_weight_ptr + first_row + 1, mask=has_second, other=0.0)
             w = w * tl.where(second, weight_b, weight_a).to(math_dtype)
+        loss, grad = _element_terms(q, False, lo, hi, GUMBEL, BOUNDED, GRAD_EXACT, FLOAT64,
+                                    False)
+        weighted_loss = w * loss + poison
+        weighted_grad = (w * grad_scale) * grad + poison
+    else:
+        # Each element's row kind: from the tile's two rows' codes (_row_code), selected per
+        # element by one predicate, or, below MAX_TILE columns, from its own row's label. (row_w
+        # is bound before the runtime `if`s that set it: the compiler keeps only variables
+        # every branch defines.)
+        row_w = tl.full([GROUPS, 4], 1.0, math_dtype)
+        if WIDE_ROWS:
+            second = col_ext >= num_classes
+            # Row b's positive column sits at code_b + C in the doubled columns; its other
+            # codes (< 0) then fall below C, where no element of row b is.
+            positive = col_ext == tl.where(second, code_b + num_classes, code_a)
+            kept = tl.where(second, code_b >= -1, code_a >= -1)
+            foreground = tl.where(second, code_b >= 0, code_a >= 0)
+            background = tl.where(second, code_b == -1, code_a == -1)
+            bad = tl.where(second, code_b == -3, code_a == -3)
+            if has_row_weight != 0:
+                weight_a = tl.load(row_weight_ptr + first_row)
+                weight_b = tl.load(row_weight_ptr + first_row + 1, mask=has_second, other=0.0)
+                row_w = tl.where(second, weight_b, weight_a).to(math_dtype)
         else:
-            w = w * tl.load(row_weight_ptr + row, mask=in_range, other=0.0).to(math_dtype)
+            row_step = col_ext // num_classes
+            col = col_ext - row_step * num_classes
+            row = first_row + row_step.to(tl.int64)
+            code = _row_code(tl.load(labels_ptr + row, mask=in_range, other=ignore_index),
+                             num_classes, ignore_index)
+            code = tl.where(in_range, code, -2)
+            if has_row_weight != 0:
+                row_w = tl.load(row_weight_ptr + row, mask=in_range, other=0.0).to(math_dtype)
+            col_ext = col  # (the tables' first copy)
+            positive = col == code  # codes < 0 never match a column
+            kept = code >= -1       # a foreground or background row
+            foreground = code >= 0
+            background = code == -1
+            bad = code == -3
+        # w = (0 if dropped) * class weight * row weight, in the reference's order: 0 * w
+        # keeps a NaN/Inf weight visible.
+        w = tl.full([GROUPS, 4], 1.0, math_dtype)
+        if has_class_weight != 0:
+            w = tl.load(class_weight_ptr + col_ext, mask=in_range, other=0.0).to(math_dtype)
+        if drop_mode != 0:
+            is_drop = tl.load(drop_ptr + col_ext, mask=in_range, other=0) != 0
+            # Foreground rows: a drop class's negatives weigh 0 (EQL and DropLoss).
+            dropped = foreground & is_drop & ~positive
+            if draws:
+                bits = _philox_words(round_keys, start >> 2, offset_lo, offset_hi, GROUPS)
+                dropped = dropped | (background & is_drop & (bits > threshold))
+            w = tl.where(dropped, w * 0.0, w)
+        if has_row_weight != 0:
+            w = w * row_w
+        loss, grad = _element_terms(q, positive, lo, hi, GUMBEL, BOUNDED, GRAD_EXACT, FLOAT64,
+                                    True)
+        # A bad label makes its row NaN (the host check reports it unless it is skipped); an
+        # ignored row, or an element past the end, is 0.
+        outside = tl.where(bad, float("nan"), 0.0)
+        weighted_loss = tl.where(kept, w * loss + poison, outside)
+        weighted_grad = tl.where(kept, (w * grad_scale) * grad + poison, outside)
+    if need_grad != 0:
+        tl.store(grad_ptr + flat, weighted_grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+    if store_loss != 0:
+        tl.store(loss_ptr + flat, weighted_loss.to(loss_ptr.dtype.element_ty), mask=in_range)
+    return weighted_loss
 
+
+
+@triton.jit
+def _element_terms(q, positive, lo, hi, GUMBEL: tl.constexpr, BOUNDED: tl.constexpr,
+                   GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr, POSITIVES: tl.constexpr):
+    """The unweighted loss and gradient of the call's math (POSITIVES: see _gumbel_bounded)."""
     if GUMBEL:
         if FLOAT64:
             loss, grad = _gumbel_closed(q, positive, lo, hi, GRAD_EXACT)
         elif BOUNDED:
-            loss, grad = _gumbel_bounded(q, positive, lo, hi, GRAD_EXACT)
+            loss, grad = _gumbel_bounded(q, lo, hi, GRAD_EXACT, POSITIVES, positive)
         else:
             loss, grad = _gumbel_series(q, positive, lo, hi, GRAD_EXACT)
         grad = tl.where((q > lo) & (q < hi), grad, 0.0)
     else:
         loss, grad = _sigmoid_bce(q, positive, FLOAT64)
-    # A non-finite logit must surface (the clamp would hide it): q - q is 0 or NaN. A bad
-    # label makes its row NaN (the host check reports it unless it is skipped).
-    poison = tl.where(bad, float("nan"), q - q)
-    keep = valid & ~bad
-    weighted_loss = tl.where(valid, tl.where(keep, w * loss, 0.0) + poison, 0.0)
-    tl.store(partials_ptr + tile_index, tl.sum(weighted_loss).to(tl.float64))
-    if need_grad != 0:
-        rows = tl.maximum(tl.load(counts_ptr), 1).to(math_dtype)
-        scale = tl.where(mean != 0, 1.0 / rows, 1.0)
-        weighted_grad = tl.where(valid, tl.where(keep, w * grad * scale, 0.0) + poison, 0.0)
-        tl.store(grad_ptr + flat, weighted_grad.to(grad_ptr.dtype.element_ty), mask=in_range)
-    if store_loss != 0:
-        tl.store(loss_ptr + flat, weighted_loss.to(loss_ptr.dtype.element_ty), mask=in_range)
+    return loss, grad
 
 
 @triton.jit
@@ -462,7 +643,21 @@ def _scale_grad_kernel(grad_ptr, scale_ptr, numel, FLOAT64: tl.constexpr, BLOCK:
 # Launchers.
 
 def _num_warps(block: int) -> int:
-    return max(1, min(4, block // 256))
+    return max(1, block // 128)  # four elements, one Philox group, per thread
+
+
+# GOL's usual launch (float32 logits, the bounded math, C >= MAX_TILE as LVIS's and V3Det's,
+# whole tiles: nearly all the work) is compiled for at most this many registers per thread: 6
+# programs of 8 warps per SM on sm_80/sm_90, 75% occupancy, which it fits without spilling
+# (tests/test_triton_aot.py checks). The other variants would spill under it (the series and
+# sigmoid math, the 16-bit conversions, narrow rows' per-element division) and run uncapped.
+REGISTER_CAP = 40
+
+
+def register_cap(full: bool, dtype: torch.dtype, bounded: bool, wide: bool) -> dict:
+    """The launch options that cap the registers of a _gol_loss_kernel launch (maxnreg)."""
+    capped = full and wide and bounded and dtype == torch.float32
+    return {"maxnreg": REGISTER_CAP} if capped else {}
 
 
 def tile_size(num_classes: int) -> Tuple[int, bool]:
@@ -542,37 +737,49 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
     weight_dummy = torch.empty(1, dtype=math_dtype, device=device)
     drop = (drop_classes.view(torch.uint8) if drop_classes is not None
             else torch.empty(1, dtype=torch.uint8, device=device))
+    # The fused kernel reads columns first_col + k across a row boundary: tables of 2C columns.
+    drop_twice = drop.repeat(2) if drop_classes is not None else drop
+    class_weight_twice = class_weight.repeat(2) if class_weight is not None else weight_dummy
     ratio = torch.empty((), dtype=torch.float32, device=device)
     with _device_guard(logits):
         torch.library.wrap_triton(_row_statistics_kernel)[(1,)](
             labels, drop, counts, ratio, n, num_classes, ignore_index,
             HAS_DROP=drop_classes is not None, BLOCK=STATS_BLOCK, num_warps=4)
         tile, wide = tile_size(num_classes)
-        num_tiles = triton.cdiv(total, tile)
-        partials = torch.empty(num_tiles, dtype=torch.float64, device=device)
+        full_tiles, tail = divmod(total, tile)
+        # Whole tiles in at most MAX_PROGRAMS programs of consecutive tiles (a fixed number for
+        # the shape, on every device: the loss's partials, and so its bits, do not depend on
+        # the GPU), a partial last tile in one more.
+        tiles_per_program = triton.cdiv(full_tiles, MAX_PROGRAMS) if full_tiles else 0
+        programs = triton.cdiv(full_tiles, tiles_per_program) if full_tiles else 0
+        num_partials = programs + (1 if tail else 0)
+        partials = torch.empty(num_partials, dtype=torch.float64, device=device)
         offset &= _MASK64
         arguments = (
-            logits, labels, drop, class_weight if class_weight is not None else weight_dummy,
+            logits, labels, drop_twice, class_weight_twice,
             row_weight if row_weight is not None else weight_dummy,
             counts, ratio, seed.to(device=device, dtype=torch.int64),
             grad if need_grad else logits, loss if reduction == "none" else logits, partials)
         scalars = (
             total, n, num_classes, ignore_index, offset & 0xFFFFFFFF, offset >> 32,
             _float64_bits(clamp_min, -math.inf), _float64_bits(clamp_max, math.inf),
-            drop_mode, int(class_weight is not None), int(row_weight is not None),
-            int(need_grad), int(reduction == "none"), int(reduction == "mean"))
+            _float64_bits(1.0 / num_classes, 0.0), drop_mode, int(class_weight is not None),
+            int(row_weight is not None), int(need_grad), int(reduction == "none"),
+            int(reduction == "mean"))
         constants = kernel_constants(logits.dtype, activation, clamp_min, clamp_max, grad_mode,
                                      num_classes)
-        full_tiles = total // tile
-        if full_tiles:
-            torch.library.wrap_triton(_gol_loss_kernel)[(full_tiles,)](
-                *arguments, 0, *scalars, FULL=True, **constants)
-        if full_tiles < num_tiles:
+        if programs:
+            torch.library.wrap_triton(_gol_loss_kernel)[(programs,)](
+                *arguments, 0, full_tiles, tiles_per_program, 0, *scalars, FULL=True,
+                **constants,
+                **register_cap(True, logits.dtype, constants["BOUNDED"], constants["WIDE_ROWS"]))
+        if tail:
             torch.library.wrap_triton(_gol_loss_kernel)[(1,)](
-                *arguments, full_tiles, *scalars, FULL=False, **constants)
+                *arguments, full_tiles, full_tiles + 1, 1, programs, *scalars, FULL=False,
+                **constants)
         if reduction != "none":
             torch.library.wrap_triton(_finalize_kernel)[(1,)](
-                partials, counts, loss, num_tiles, MEAN=reduction == "mean",
+                partials, counts, loss, num_partials, MEAN=reduction == "mean",
                 BLOCK=FINALIZE_BLOCK, num_warps=4)
     return loss, grad, counts
 
