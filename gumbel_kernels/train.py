@@ -160,7 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if needed:
             dataset.check_image_files()
     loss = build_loss(cfg, train_set)
-    model = build_model(cfg["model"], train_set.num_classes, loss).to(device)
+    model = build_model(cfg["model"], train_set.num_classes, loss,
+                        load_weights=not args.eval_only).to(device)
     log.info("%s: %d classes, %d training images, loss %s", args.config, train_set.num_classes,
              len(train_set), loss)
 
