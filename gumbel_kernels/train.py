@@ -149,7 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             json.dump(cfg, f, indent=2)
 
     paths = prepare_data(cfg)
-    mask_format = "polygon" if cfg["model"]["mask_target"] == "polygon" else "bitmap"
+    # Bitmap targets from masks cropped to their boxes: LVIS images with hundreds of instances
+    # would cost gigabytes as full-resolution bitmaps resized as float.
+    mask_format = "polygon" if cfg["model"]["mask_target"] == "polygon" else "cropped"
     train_set = LVISDataset(paths["train_json"], paths["train_images"],
                             transforms=build_transforms(True, cfg["data"]["flip_prob"]),
                             filter_empty=bool(cfg["data"]["filter_empty"]),
@@ -185,7 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     metrics = evaluate(model, val_set, paths["val_json"], device, out_dir,
                        max_dets=int(cfg["eval"]["max_dets"]),
                        batch_size=int(cfg["eval"]["batch_size"]),
-                       max_images=cfg["eval"]["max_images"], progress=not args.no_progress)
+                       max_images=cfg["eval"]["max_images"], progress=not args.no_progress,
+                       num_workers=int(cfg["data"]["num_workers"]))
     dist_utils.cleanup()
     return metrics
 

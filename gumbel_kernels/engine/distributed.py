@@ -1,10 +1,9 @@
 """torchrun / DDP helpers: a process group from torchrun's environment (nccl on GPUs, gloo on
-CPUs), rank queries that work without one, gathering Python objects to rank 0, and work that
-rank 0 does before the others (downloads)."""
+CPUs), rank queries that work without one, and work that rank 0 does before the others (downloads)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,15 +35,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def gather_objects(obj: Any) -> List[Any]:
-    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
-    return out if is_main() else []
 
 
 def cleanup() -> None:

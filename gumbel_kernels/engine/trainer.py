@@ -204,10 +204,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _to_torchvision_target(target: dict, device: torch.device) -> dict:
     """Dataset targets (labels 0..C-1) -> torchvision's (1..C, 0 = background). `polygons`
-    stay on the CPU, where the polygon mask targets rasterise them."""
+    stay on the CPU, where the polygon mask targets rasterise them; `mask_crops` travel as
+    one buffer."""
     out = {"boxes": target["boxes"].to(device), "labels": (target["labels"] + 1).to(device)}
     if "masks" in target:
         out["masks"] = target["masks"].to(device)
+    if "mask_crops" in target:
+        out["mask_crops"] = target["mask_crops"].to(device)
     if "polygons" in target:
         out["polygons"] = target["polygons"]
     return out

@@ -20,25 +20,41 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import numpy as np
 import torch
 
-__all__ = ["detections_to_lvis_results", "limit_dets_per_image", "evaluate_lvis",
-           "format_metrics_table"]
+from .rle import encode_binary_masks
+
+__all__ = ["detections_to_lvis_results", "image_results", "limit_dets_per_image",
+           "evaluate_lvis", "format_metrics_table"]
 
 logger = logging.getLogger(__name__)
 
 
-def _rle_encode(binary_masks: np.ndarray) -> List[dict]:
-    """(K, H, W) uint8 -> K compressed RLEs with str counts (json-serialisable)."""
-    from pycocotools import mask as mask_utils
+def image_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
+                  labels: torch.Tensor, cat_ids: Sequence[int],
+                  segmentations: Optional[Sequence[dict]] = None) -> List[dict]:
+    """One image's detections (in the order given) as LVIS results.
 
-    if len(binary_masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+    boxes (K, 4) xyxy in original image pixels, scores (K,), labels (K,) contiguous class
+    indices (`cat_ids[label]` is the LVIS id), segmentations: K RLEs or None (boxes only)."""
+    boxes = boxes.detach().float().cpu()
+    labels = labels.detach().cpu().to(torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
+        raise ValueError(f"image {int(image_id)}: labels must be in [0, {len(cat_ids)}), got "
+                         f"{labels.min().item()}..{labels.max().item()}")
+    if segmentations is not None and len(segmentations) != len(labels):
+        raise ValueError(f"image {int(image_id)}: {len(segmentations)} masks for "
+                         f"{len(labels)} detections")
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    results = []
+    for k, (box, score, label) in enumerate(zip(xywh, scores.detach().float().cpu().tolist(),
+                                                labels.tolist())):
+        res = {"image_id": int(image_id), "category_id": cat_ids[label], "bbox": box,
+               "score": score}
+        if segmentations is not None:
+            res["segmentation"] = segmentations[k]
+        results.append(res)
+    return results
 
 
 def detections_to_lvis_results(outputs: Sequence[dict], image_ids: Sequence[int],
@@ -59,35 +75,29 @@ def detections_to_lvis_results(outputs: Sequence[dict], image_ids: Sequence[int]
             background).
 
     Returns dicts with image_id, category_id, bbox [x, y, w, h], score (and segmentation).
+    The evaluator (gumbel_kernels.engine.evaluator) encodes masks on the device instead.
     """
     if len(outputs) != len(image_ids):
         raise ValueError(f"{len(outputs)} outputs but {len(image_ids)} image_ids")
     cat_ids = list(cat_ids)
     results = []
     for out, image_id in zip(outputs, image_ids):
-        scores = out["scores"].detach().float().cpu()
-        order = torch.argsort(scores, descending=True, stable=True)[:max_dets_per_image]
-        scores = scores[order]
-        boxes = out["boxes"].detach().float().cpu()[order]
-        labels = out["labels"].detach().cpu()[order].to(torch.int64) - label_offset
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
-            raise ValueError(f"image {int(image_id)}: labels (offset {label_offset}) must be in "
-                             f"[0, {len(cat_ids)}), got {labels.min().item()}..{labels.max().item()}")
+        order = torch.argsort(out["scores"].detach().float(), descending=True,
+                              stable=True)[:max_dets_per_image]
         rles = None
         if with_masks:
             if "masks" not in out:
                 raise ValueError(f"image {int(image_id)}: with_masks=True but the output has no 'masks'")
-            masks = out["masks"].detach().cpu()[order]
+            masks = out["masks"].detach()[order]
             if masks.dim() == 4:
                 masks = masks[:, 0]
-            rles = _rle_encode((masks > mask_threshold).numpy().astype(np.uint8))
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for k, (box, score, label) in enumerate(zip(xywh, scores.tolist(), labels.tolist())):
-            res = {"image_id": int(image_id), "category_id": cat_ids[label], "bbox": box,
-                   "score": score}
-            if rles is not None:
-                res["segmentation"] = rles[k]
-            results.append(res)
+            rles = encode_binary_masks(masks > mask_threshold)
+        try:
+            results += image_results(image_id, out["boxes"][order], out["scores"][order],
+                                     out["labels"][order].to(torch.int64) - label_offset,
+                                     cat_ids, rles)
+        except ValueError as error:
+            raise ValueError(f"{error} (after label offset {label_offset})") from None
     return results
 
 
