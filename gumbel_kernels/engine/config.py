@@ -33,7 +33,7 @@ DEFAULTS: Dict[str, Any] = {
         "val_json": "annotations/lvis_v1_val.json", "train_images": ".", "val_images": ".",
         "synthetic": None, "filter_empty": True,
         "sampler": "random", "rfs_threshold": 0.001, "rfs_mode": "deterministic",
-        "flip_prob": 0.5, "num_workers": 4,
+        "flip_prob": 0.5, "num_workers": 4, "aspect_ratio_grouping": False,
     },
     "method": {"loss": "softmax", "lambda_": 0.0011, "activation": None},
     "solver": {

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import collate_fn
+from ..data import aspect_ratio_groups, collate_fn, make_batches
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SCHEDULES
@@ -143,13 +143,13 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
     last: Dict[str, float] = {}
     model.train()
     loader_generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    groups = aspect_ratio_groups(dataset) if cfg["data"]["aspect_ratio_grouping"] else None
     with _StopRequest() as stop:
         while iteration < stop_at and not stop.requested:
             sampler.set_epoch(epoch)
-            indices = list(sampler)
-            batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+            epoch_batches = make_batches(list(sampler), batch_size, groups)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=_Batches(batches[batch_in_epoch:]), collate_fn=collate_fn,
+                dataset, batch_sampler=_Batches(epoch_batches[batch_in_epoch:]), collate_fn=collate_fn,
                 num_workers=int(cfg["data"]["num_workers"]), generator=loader_generator)
             for images, targets in loader:
                 start = time.perf_counter()
@@ -186,7 +186,7 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                     checkpoint()
                 if iteration >= stop_at or stop.requested:
                     break
-            if batch_in_epoch >= len(batches):
+            if batch_in_epoch >= len(epoch_batches):
                 epoch += 1
                 batch_in_epoch = 0
         checkpoint()
