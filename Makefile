@@ -53,7 +53,7 @@ cmake-build: $(VENV)/.stamp-build
 	cmake --build build/cmake -j 2
 
 demo: build
-	$(PY) -m gumbel_kernels.train --config configs/demo_cpu.yaml --out runs/demo
+	$(PY) -m gumbel_kernels.train --config configs/demo_cpu.yaml --out runs/demo --overwrite
 
 bench: build
 	$(PY) -m bench.gol_loss_bench --shapes make

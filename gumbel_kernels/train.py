@@ -7,7 +7,13 @@
 
 Writes OUT/log.jsonl (one line per iteration), OUT/checkpoint.pt (atomically, every
 solver.checkpoint_every iterations, at the end and on Ctrl-C), OUT/results.json (LVIS results
-format) and OUT/metrics.json (AP, APr, APc, APf, APb in percent), and prints the metric table.
+format), OUT/metrics.json (AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and
+OUT/ap_by_frequency.png, and prints the metric table. A new run into a folder that holds an
+earlier run's files stops unless --overwrite (delete them) or --resume (continue it) is given.
+
+The config, the data (annotations, categories, evaluation fields, every image's size) and a
+resumed checkpoint are checked before training starts; an error is one line (--debug: the
+traceback). Under torchrun only rank 0 logs (--log-all-ranks: every rank).
 """
 from __future__ import annotations
 
@@ -16,20 +22,23 @@ import json
 import logging
 import os
 import random
-import sys
-from typing import Optional, Sequence
+import re
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from . import _cli
 from .data import LVISDataset, build_train_sampler, build_transforms
+from .data import validation as data_checks
 from .data.synthetic import generate
 from .detection import build_model
 from .engine import distributed as dist_utils
 from .engine.checkpoint import load_checkpoint
-from .engine.config import load_config
+from .engine.config import ConfigError, load_config
 from .engine.evaluator import evaluate
-from .engine.trainer import train
+from .engine.plots import plot_run
+from .engine.trainer import CHECKPOINT_NAME, LOG_NAME, load_resume_state, train
 from .losses import build_classification_loss
 
 log = logging.getLogger("gumbel_kernels.train")
@@ -40,56 +49,120 @@ METHOD_PRESETS = {
             "model.nms": 0.3},
 }
 FREQUENCY_LOSSES = ("eql", "droploss", "gol")
+# What a run writes into OUT: a new run replaces all of them (--overwrite).
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "config.json", "results.json", "metrics.json",
+             "loss_curve.png", "ap_by_frequency.png")
+RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_cli.HelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/README.md)")
     parser.add_argument("--data-root", help="overrides data.root")
     parser.add_argument("--out", help="output folder (overrides output_dir)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--max-iters", type=int, help="stop after this many iterations")
+    length.add_argument("--max-iters", type=int, help="stop after this many iterations (a cap "
+                        "on the schedule; 0: no training step, e.g. to evaluate the initial "
+                        "model); overrides solver.max_iters")
     length.add_argument("--epochs", type=int, help="train this many epochs (schedule scaled)")
     parser.add_argument("--method", help="softmax | sigmoid | sigmoid_ce | gumbel | eql | "
                         "droploss | gol | gumbel_ce | federated[_gumbel] | eqlv2[_gumbel]; gol "
                         "also sets RFS, the normalized mask head and NMS 0.3")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT from OUT/checkpoint.pt (only keys such as "
+                        "solver.max_iters, solver.checkpoint_every and eval.* may change)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an OUT that holds an earlier run's files, "
+                        "deleting them (" + ", ".join(RUN_FILES) + ")")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a --resume/--checkpoint file that holds pickled Python "
+                        "objects (checkpoints of older versions). DANGEROUS: unpickling runs "
+                        "whatever code the file contains; only for files you trust")
     parser.add_argument("--seed", type=int, help="overrides seed")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides, YAML values, e.g. solver.batch_size=4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-eval", action="store_true", help="train only, skip evaluation")
+    parser.add_argument("--log-all-ranks", action="store_true",
+                        help="under torchrun, every rank logs (default: rank 0 only)")
+    _cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is the file --eval-only evaluates; to continue training "
+                     "use --resume (it reads OUT/checkpoint.pt)")
+    if args.resume and (args.overwrite or args.eval_only):
+        parser.error("--resume cannot be combined with --overwrite or --eval-only")
     return args
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _overrides(args: argparse.Namespace) -> Tuple[Dict[str, object], Dict[str, str]]:
+    """({dotted key: value}, {dotted key: the flag that set it}) from the command line."""
     import yaml
-    out = {}
+    out: Dict[str, object] = {}
+    origins: Dict[str, str] = {}
+
+    def put(key: str, value, flag: str):
+        out[key] = value
+        origins[key] = flag
+
     if args.method:
-        out.update(METHOD_PRESETS.get(args.method, {"method.loss": args.method}))
+        for key, value in METHOD_PRESETS.get(args.method, {"method.loss": args.method}).items():
+            put(key, value, f"--method {args.method}")
     if args.data_root:
-        out["data.root"] = args.data_root
+        put("data.root", args.data_root, "--data-root")
     if args.out:
-        out["output_dir"] = args.out
+        put("output_dir", args.out, "--out")
     if args.max_iters is not None:
-        out["solver.max_iters"] = args.max_iters
+        put("solver.max_iters", args.max_iters, "--max-iters")
     if args.epochs is not None:
-        out["solver.epochs"] = args.epochs
+        put("solver.epochs", args.epochs, "--epochs")
     if args.seed is not None:
-        out["seed"] = args.seed
+        put("seed", args.seed, "--seed")
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. solver.batch_size=4")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not YAML "
+                              f"({' '.join(str(error).split())})") from None
+        put(key.strip(), parsed, f"--set {item}")
+    return out, origins
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """INFO on rank 0; ERROR only on the other ranks unless --log-all-ranks (then each line
+    says its rank). Python warnings go through logging, so they follow the same rule."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {rank}] " if world > 1 else ""
+    level = logging.INFO if rank == 0 or args.log_all_ranks else logging.ERROR
+    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when logging was configured before
+    logging.captureWarnings(True)
+
+
+def _prepare_output_dir(out_dir: str, overwrite: bool) -> None:
+    """A new run must not mix with an earlier run's files: refuse if OUT holds a trained or
+    evaluated run (unless --overwrite), then delete what an earlier run or start-up left."""
+    if not dist_utils.is_main():
+        return
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if not overwrite and any(name in found for name in RUN_EVIDENCE):
+        raise FileExistsError(
+            f"{out_dir} holds an earlier run ({', '.join(found)}): --resume continues it, "
+            f"--overwrite deletes those files and starts anew, or choose another --out")
+    for name in found:
+        os.remove(os.path.join(out_dir, name))
+    if overwrite and found:
+        log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(found), out_dir)
 
 
 def prepare_data(cfg: dict) -> dict:
@@ -121,8 +194,15 @@ def build_loss(cfg: dict, train_set: LVISDataset):
     name = method.pop("loss")
     if name not in FREQUENCY_LOSSES:
         method.pop("lambda_", None)
-    return build_classification_loss(name, train_set.image_counts.tolist(),
-                                     train_set.num_images_with_annotations, **method)
+    try:
+        return build_classification_loss(name, train_set.image_counts.tolist(),
+                                         train_set.num_images_with_annotations, **method)
+    except TypeError as error:  # a method.* key this loss does not take
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if not unexpected:
+            raise
+        raise ConfigError(f"method.{unexpected.group(1)}: the loss {name!r} takes no such "
+                          f"argument") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -131,18 +211,56 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_data(train_set: LVISDataset, val_set: LVISDataset, cfg: dict, *, training: bool,
+               evaluating: bool, progress: bool) -> None:
+    """The start-up checks of gumbel_kernels.data.validation for what this run will read: every
+    image path is resolved (a missing file fails now, not after training); with
+    data.check_images every header is read too, split across ranks."""
+    if training:
+        data_checks.check_has_annotations(train_set)
+    data_checks.check_same_categories(train_set, val_set)
+    if evaluating:
+        data_checks.check_evaluation_fields(val_set)
+    for dataset, needed in ((train_set, training), (val_set, evaluating)):
+        if not needed:
+            continue
+        if not cfg["data"]["check_images"]:
+            dataset.check_image_files()
+            continue
+        entries = data_checks.dataset_image_entries(dataset)
+        mine = entries[dist_utils.rank()::dist_utils.world_size()]
+        data_checks.check_image_files(mine, dataset.ann_file,
+                                      progress=progress and dist_utils.is_main())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_config(args.config, _overrides(args))
+    _setup_logging(args)
+    overrides, origins = _overrides(args)
+    cfg = load_config(args.config, overrides, origins)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise ValueError("--device cuda: no CUDA device is available")
+    out_dir = cfg["output_dir"]
+    resume_state = None
+    if args.resume:  # before anything slow: a wrong checkpoint or config fails at once
+        resume_state = load_resume_state(os.path.join(out_dir, CHECKPOINT_NAME), cfg,
+                                         allow_pickle=args.allow_pickle)
+    eval_state = None
+    if args.eval_only:
+        eval_state = load_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     distributed = dist_utils.init_distributed(device_name)
     device = torch.device(device_name, int(os.environ.get("LOCAL_RANK", 0))) \
         if device_name == "cuda" else torch.device("cpu")
-    out_dir = cfg["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
+    if not (args.resume or args.eval_only):
+        _prepare_output_dir(out_dir, args.overwrite)
+    elif args.eval_only and not args.no_eval:
+        replaced = [n for n in ("results.json", "metrics.json")
+                    if os.path.exists(os.path.join(out_dir, n))]
+        if replaced:
+            log.info("--eval-only: replacing %s in %s", ", ".join(replaced), out_dir)
+    dist_utils.barrier()
     _seed_everything(int(cfg["seed"]) + dist_utils.rank())
     if dist_utils.is_main():
         with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -157,19 +275,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             filter_empty=bool(cfg["data"]["filter_empty"]),
                             mask_format=mask_format)
     val_set = LVISDataset(paths["val_json"], paths["val_images"], with_masks=False)
-    # Every image the run will read is looked up now, before the model is built.
-    for needed, dataset in ((not args.eval_only, train_set), (not args.no_eval, val_set)):
-        if needed:
-            dataset.check_image_files()
+    # Every image the run will read is checked now, before the model is built.
+    check_data(train_set, val_set, cfg, training=not args.eval_only, evaluating=not args.no_eval,
+               progress=not args.no_progress)
     loss = build_loss(cfg, train_set)
     model = build_model(cfg["model"], train_set.num_classes, loss,
                         load_weights=not args.eval_only).to(device)
     log.info("%s: %d classes, %d training images, loss %s", args.config, train_set.num_classes,
              len(train_set), loss)
 
-    if args.eval_only:
-        state = load_checkpoint(args.checkpoint)
-        model.load_state_dict(state["model"] if "model" in state else state)
+    if eval_state is not None:
+        model.load_state_dict(eval_state["model"] if "model" in eval_state else eval_state)
     else:
         sampler = build_train_sampler(
             train_set, cfg["data"]["sampler"], threshold=cfg["data"]["rfs_threshold"],
@@ -179,23 +295,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if distributed:
             trained = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        train(cfg, trained, train_set, sampler, device, out_dir, resume=args.resume,
+        train(cfg, trained, train_set, sampler, device, out_dir, resume_state=resume_state,
               progress=not args.no_progress)
-    if args.no_eval:
-        dist_utils.cleanup()
-        return {}
-    metrics = evaluate(model, val_set, paths["val_json"], device, out_dir,
-                       max_dets=int(cfg["eval"]["max_dets"]),
-                       batch_size=int(cfg["eval"]["batch_size"]),
-                       max_images=cfg["eval"]["max_images"], progress=not args.no_progress,
-                       num_workers=int(cfg["data"]["num_workers"]))
+    metrics: dict = {}
+    if not args.no_eval:
+        metrics = evaluate(model, val_set, paths["val_json"], device, out_dir,
+                           max_dets=int(cfg["eval"]["max_dets"]),
+                           batch_size=int(cfg["eval"]["batch_size"]),
+                           max_images=cfg["eval"]["max_images"], progress=not args.no_progress,
+                           num_workers=int(cfg["data"]["num_workers"]))
+    if dist_utils.is_main():
+        _report_outputs(out_dir)
     dist_utils.cleanup()
     return metrics
 
 
-if __name__ == "__main__":
+def _report_outputs(out_dir: str) -> None:
+    """Plots the run (matplotlib permitting) and says where every output is."""
     try:
-        main()
-    except KeyboardInterrupt as stop:
-        print(f"interrupted: {stop}", file=sys.stderr)
-        sys.exit(130)
+        plot_run([out_dir])
+    except (ImportError, ValueError) as error:  # no matplotlib; nothing trained or evaluated
+        log.warning("no plots: %s", error)
+    written = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    print(f"outputs in {os.path.abspath(out_dir)}/: {', '.join(written)}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.run(main))

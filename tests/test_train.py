@@ -1,9 +1,13 @@
-"""The training CLI end to end on a tiny generated dataset: metrics, exact resume, atomic
-checkpoints and a 2-process gloo DDP run; and on the real LVIS v1 image layout (val images in
-both COCO folders), whose image check fails before the model is built."""
+"""The training CLI end to end on a tiny generated dataset: metrics, plots, exact resume (the
+log cut back, a changed config refused), output folders of earlier runs, zero iterations,
+weights_only checkpoints read by --eval-only and the analysis tools, a 2-process gloo DDP run
+that logs on rank 0 only; and on the real LVIS v1 image layout (val images in both COCO
+folders), whose image check fails before the model is built."""
 import json
 import os
 import pathlib
+import random
+import socket
 import subprocess
 import sys
 
@@ -13,7 +17,10 @@ import torch
 from PIL import Image
 
 from gumbel_kernels import train as train_cli
-from gumbel_kernels.engine.checkpoint import save_checkpoint
+from gumbel_kernels.analysis import __main__ as analysis_cli
+from gumbel_kernels.engine.checkpoint import CheckpointError, load_checkpoint
+from gumbel_kernels.engine.config import ConfigError, load_config
+from gumbel_kernels.engine.trainer import load_resume_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +60,7 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_demo_config_end_to_end(tiny_config, tmp_path):
+def test_demo_config_end_to_end(tiny_config, tmp_path, capsys):
     metrics = train_cli.main(["--config", str(tiny_config), "--out", str(tmp_path), "--max-iters",
                               "2", "--no-progress"])
     with open(tmp_path / "metrics.json") as f:
@@ -63,7 +70,34 @@ def test_demo_config_end_to_end(tiny_config, tmp_path):
     results = json.load(open(tmp_path / "results.json"))
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     assert len(losses(tmp_path)) == 2
-    assert (tmp_path / "checkpoint.pt").exists()
+    for name in ("loss_curve.png", "ap_by_frequency.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith(f"outputs in {tmp_path}/: checkpoint.pt, log.jsonl")
+    assert "ap_by_frequency.png" in last_line
+
+    # The checkpoint loads with weights_only=True, verified, in --eval-only and the analysis.
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 2
+    again = train_cli.main(["--config", str(tiny_config), "--out", str(tmp_path / "eval"),
+                            "--eval-only", "--checkpoint", str(checkpoint), "--no-progress"])
+    assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    summary = analysis_cli.main(["weight-norms", "--checkpoint", str(checkpoint), "--ann",
+                                 str(tiny_config.parent / "data" / "train.json"),
+                                 "--out", str(tmp_path / "norms")])
+    assert set(summary["checkpoint"]) == {"rare", "common", "frequent"}
+
+    # A new run into this folder stops before touching it; --overwrite starts anew (and
+    # --max-iters 0 trains nothing: an empty log, a checkpoint at iteration 0).
+    common = ["--config", str(tiny_config), "--out", str(tmp_path), "--no-progress", "--no-eval"]
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint.pt, log.jsonl"
+                                              r".*--resume continues it, --overwrite deletes"):
+        train_cli.main(common)
+    assert len(losses(tmp_path)) == 2
+    train_cli.main(common + ["--overwrite", "--max-iters", "0"])
+    assert losses(tmp_path) == []
+    assert load_checkpoint(str(checkpoint))["iteration"] == 0
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "results.json").exists()
 
 
 def _lvis_v1_coco_root(root):
@@ -81,7 +115,8 @@ def _lvis_v1_coco_root(root):
             pixels[16:48, 8:40] = (200, 40, 40)
             Image.fromarray(pixels).save(root / folder / name)
             records.append({"id": image_id, "height": 64, "width": 64,
-                            "coco_url": f"http://images.cocodataset.org/{folder}/{name}"})
+                            "coco_url": f"http://images.cocodataset.org/{folder}/{name}",
+                            "neg_category_ids": [], "not_exhaustive_category_ids": []})
             annotations.append({"id": image_id, "image_id": image_id, "category_id": 1,
                                 "bbox": [8, 16, 32, 32], "area": 1024,
                                 "segmentation": [[8, 16, 40, 16, 40, 48, 8, 48]]})
@@ -146,33 +181,50 @@ def test_resume_gives_the_same_next_step(tiny_config, tmp_path):
     common = ["--config", str(tiny_config), "--no-progress", "--no-eval"]
     train_cli.main(common + ["--out", str(straight), "--max-iters", "5"])
     train_cli.main(common + ["--out", str(interrupted), "--max-iters", "3"])
+    # As if the run had gone on past its last checkpoint and was killed mid-line.
+    with open(interrupted / "log.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 4, "loss": 99.0}) + "\n" + '{"iteration": 5, "lo')
+    # What a resume may not change is refused, naming the keys, before anything is loaded.
+    with pytest.raises(ConfigError, match=r"cannot change: method.lambda_: checkpoint 0.3, now "
+                                          r"0.2; solver.base_lr: checkpoint 0.02, now 0.01"):
+        train_cli.main(common + ["--out", str(interrupted), "--resume", "--set",
+                                 "solver.base_lr=0.01", "method.lambda_=0.2"])
+    # A checkpoint of an older version (pickled NumPy RNG state, no checksum) needs the opt-in.
+    legacy = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    legacy.pop("_integrity")
+    legacy["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                     "torch": torch.get_rng_state()}
+    (tmp_path / "legacy").mkdir()
+    torch.save(legacy, tmp_path / "legacy" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects.*--allow-pickle"):
+        train_cli.main(common + ["--out", str(tmp_path / "legacy"), "--resume"])
+    cfg = load_config(str(tiny_config), {"output_dir": str(tmp_path / "legacy")})
+    assert load_resume_state(str(tmp_path / "legacy" / "checkpoint.pt"), cfg,
+                             allow_pickle=True)["iteration"] == 3
     train_cli.main(common + ["--out", str(interrupted), "--max-iters", "5", "--resume"])
     a, b = losses(straight), losses(interrupted)
     assert len(a) == len(b) == 5
+    with open(interrupted / "log.jsonl") as f:
+        assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3, 4, 5]
     assert b[3:] == pytest.approx(a[3:], rel=1e-6, abs=1e-7)
 
 
-def test_checkpoint_write_is_atomic(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(str(path), {"step": 1})
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        save_checkpoint(str(path), {"step": 2, "bad": Unpicklable()})
-    assert torch.load(path, weights_only=False) == {"step": 1}
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+def free_port():
+    # Other test runs on the same machine may hold a fixed port.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_process_gloo_ddp(tiny_config, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29533", "-m", "gumbel_kernels.train", "--config", str(tiny_config),
-               "--out", str(tmp_path), "--max-iters", "2", "--device", "cpu", "--no-progress"]
+               f"--master_port={free_port()}", "-m", "gumbel_kernels.train",
+               "--config", str(tiny_config), "--out", str(tmp_path), "--max-iters", "2",
+               "--device", "cpu", "--no-progress"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-6000:]
     assert len(losses(tmp_path)) == 2
+    assert "[rank 0]" in result.stderr and "[rank 1]" not in result.stderr  # rank 0 logs only
     assert json.load(open(tmp_path / "metrics.json"))["APb"] >= 0

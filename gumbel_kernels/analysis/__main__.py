@@ -1,7 +1,7 @@
 """`python -m gumbel_kernels.analysis {distributions,kl,weight-norms} ...` (see --help)."""
 import argparse
-import sys
 
+from .._cli import HelpFormatter, add_debug_flag, run
 from . import distributions, kl, weight_norms
 
 SUBCOMMANDS = {
@@ -14,10 +14,14 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.analysis",
                                      description="Analyses of the GOL paper's figures: PNG "
-                                                 "plots and CSV files into --out.")
+                                                 "plots and CSV files into --out.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=HelpFormatter)
+        module.add_arguments(command)
+        add_debug_flag(command)
     return parser
 
 
@@ -27,4 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(run(main))

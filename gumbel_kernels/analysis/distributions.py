@@ -305,7 +305,7 @@ def write_outputs(dist: ObjectDistributions, out: str) -> Dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--ann", required=True, help="LVIS-format annotation json")
-    parser.add_argument("--grid", type=int, default=20, help="cells per side (20)")
+    parser.add_argument("--grid", type=int, default=20, help="cells per side")
     parser.add_argument("--out", required=True, help="output folder")
 
 

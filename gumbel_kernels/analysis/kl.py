@@ -144,8 +144,8 @@ def add_arguments(parser) -> None:
                         help="LVIS results json file(s) (list of detections)")
     parser.add_argument("--names", nargs="+", help="a label per results file (default: stems)")
     parser.add_argument("--ann", required=True, help="LVIS-format ground-truth json")
-    parser.add_argument("--grid", type=int, default=20, help="cells per side (20)")
-    parser.add_argument("--eps", type=float, default=1e-6, help="smoothing (1e-6)")
+    parser.add_argument("--grid", type=int, default=20, help="cells per side")
+    parser.add_argument("--eps", type=float, default=1e-6, help="smoothing")
     parser.add_argument("--out", required=True, help="output folder")
 
 

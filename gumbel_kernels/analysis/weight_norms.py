@@ -14,9 +14,10 @@ Gumbel-trained head is less imbalanced than the sigmoid one. Definitions (hand-c
 - norm_k = ||W_k||_2 = sqrt(sum_d W_kd^2).
 - Classes are ordered by training image count (the categories' `image_count`, else counted
   from the annotations), most frequent first; colours are the r/c/f groups.
-The checkpoint may be a state dict or a dict holding one under "model", "state_dict" or
-"model_state" (a "module." DDP prefix is stripped); it is read with torch.load(weights_only=True)
-(pass --allow-pickle for old pickled checkpoints you trust).
+The checkpoint may be the trainer's own (OUT/checkpoint.pt: its checksum is verified), a state
+dict, or a dict holding one under "model", "state_dict" or "model_state" (a "module." DDP prefix
+is stripped); it is read with torch.load(weights_only=True), which runs no code (old pickled
+checkpoints need --allow-pickle: only for files you trust).
 
 Outputs in --out: weight_norms.png (bars, one panel per checkpoint), weight_norms.csv (rank,
 index, category_id, name, frequency, image_count, norm_<name> ...) and weight_norms.json (mean
@@ -32,13 +33,21 @@ from typing import Dict, List, Mapping, Union
 import numpy as np
 import torch
 
+from ..engine.checkpoint import load_checkpoint
 from .distributions import (GROUP_COLOURS, GROUP_NAMES, GROUPS, CategoryTable, _pyplot,
                             category_table, load_json)
 
-__all__ = ["DEFAULT_KEY", "find_state_dict", "classifier_weight", "class_weight_norms",
+__all__ = ["DEFAULT_KEY", "WeightNotFoundError", "find_state_dict", "classifier_weight", "class_weight_norms",
            "add_arguments", "run"]
 
 DEFAULT_KEY = "roi_heads.box_predictor.cls_score.weight"
+
+
+class WeightNotFoundError(KeyError, ValueError):
+    """The checkpoint has no (unique) weight of that name: a user error, as a KeyError."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def find_state_dict(checkpoint: Mapping) -> Mapping:
@@ -56,7 +65,7 @@ def classifier_weight(checkpoint: Union[str, Mapping], key: str = DEFAULT_KEY,
                       allow_pickle: bool = False) -> torch.Tensor:
     """The (R, D) classifier weight `key` of a checkpoint path or dict."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=not allow_pickle)
+        checkpoint = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     state = find_state_dict(checkpoint)
     stripped = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if key in stripped:
@@ -66,8 +75,8 @@ def classifier_weight(checkpoint: Union[str, Mapping], key: str = DEFAULT_KEY,
         if len(matches) != 1:
             candidates = [k for k, v in stripped.items()
                           if isinstance(v, torch.Tensor) and v.dim() == 2]
-            raise KeyError(f"no unique weight {key!r} in the checkpoint; 2-D tensors there: "
-                           f"{candidates[:20]}")
+            raise WeightNotFoundError(f"no unique weight {key!r} in the checkpoint; 2-D tensors "
+                                      f"there: {candidates[:20]}")
         weight = stripped[matches[0]]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{key!r} must be a 2-D (classes, features) tensor, got "
@@ -120,20 +129,22 @@ def _plot(path: str, cats: CategoryTable, names: List[str], norms: List[np.ndarr
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s)")
     parser.add_argument("--names", nargs="+", help="a label per checkpoint (default: stems)")
-    parser.add_argument("--key", default=DEFAULT_KEY, help=f"weight name ({DEFAULT_KEY})")
+    parser.add_argument("--key", default=DEFAULT_KEY, help="name of the classifier weight")
     parser.add_argument("--background", choices=("auto", "first", "last", "none"),
                         default="auto", help="which row of a (C+1)-row weight is background")
     parser.add_argument("--ann", required=True,
                         help="LVIS-format json with the categories (and image_count)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="torch.load with weights_only=False (trusted files only)")
+                        help="load checkpoints that hold pickled Python objects (old or foreign "
+                        "files). DANGEROUS: unpickling runs whatever code the file contains; "
+                        "only for files you trust")
     parser.add_argument("--out", required=True, help="output folder")
 
 
 def run(args) -> Dict:
     names = args.names or [os.path.splitext(os.path.basename(p))[0] for p in args.checkpoint]
     if len(names) != len(args.checkpoint):
-        raise SystemExit(f"error: {len(args.checkpoint)} checkpoints but {len(names)} names")
+        raise ValueError(f"{len(args.checkpoint)} checkpoints but {len(names)} names")
     cats = category_table(load_json(args.ann))
     norms = [class_weight_norms(classifier_weight(path, args.key, args.allow_pickle), len(cats),
                                 args.background) for path in args.checkpoint]

@@ -17,14 +17,15 @@ Both stages use SGD (momentum 0.9), a cosine learning-rate schedule (stage 1 wit
 warm-up), random 4-pixel-padded crops and horizontal flips. Top-1 is the argmax of the logits
 (the same for softmax, sigmoid and Gumbel scores: all are increasing in the logit).
 
-The data is CIFAR-100-LT from a local torchvision-format copy under --data-root, or the
-generated `SyntheticLTClassification` with --synthetic (also used, with a warning, when
---data-root holds no copy, unless --require-data). See cifar_lt.py for the long-tail rule.
+The data is CIFAR-100-LT from a local torchvision-format copy under --data-root (an error if
+it holds none: a typo must not train on other data), or the generated
+`SyntheticLTClassification` with --synthetic. See cifar_lt.py for the long-tail rule.
 
 Output: a top-1 table (overall; many: > 100 training images, medium: 20-100, few: < 20) on
 stdout, OUT/metrics.json (both stages: group accuracies, per-class accuracies, class counts,
 arguments), OUT/stage1.pt (model state dict; reuse it with --stage1-checkpoint to compare
-stage-2 losses on the same backbone) and OUT/stage2.pt.
+stage-2 losses on the same backbone) and OUT/stage2.pt, checkpoints with a verified checksum
+that load with weights_only=True (gumbel_kernels.engine.checkpoint).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -48,6 +48,8 @@ except ImportError:  # pragma: no cover - tqdm is a declared dependency
         return iterable
 
 from .. import gol_loss
+from .._cli import HelpFormatter, add_debug_flag, run
+from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from .cifar_lt import (GROUPS, LTClassificationData, SyntheticLTClassification,
                        cifar100_available, class_groups, load_cifar100_lt)
 from .models import CifarResNet, resnet_cifar
@@ -59,16 +61,14 @@ __all__ = ["build_parser", "main", "load_data", "train_stage1", "train_stage2", 
 # ------------------------------------------------------------------------------------ data --
 
 def load_data(args) -> LTClassificationData:
-    if args.synthetic or not cifar100_available(args.data_root):
-        if not args.synthetic:
-            if args.require_data:
-                raise SystemExit(f"error: no CIFAR-100 copy (torchvision format, "
-                                 f"cifar-100-python/) under --data-root {args.data_root!r}")
-            warnings.warn(f"no CIFAR-100 copy under {args.data_root!r}: using the synthetic "
-                          f"long-tailed data set instead", stacklevel=2)
+    if args.synthetic:
         return SyntheticLTClassification(args.num_classes, args.imbalance, args.n_max,
                                          test_per_class=args.test_per_class,
                                          image_size=args.image_size, seed=args.seed)
+    if not cifar100_available(args.data_root):
+        raise FileNotFoundError(f"--data-root {args.data_root}: no CIFAR-100 copy in "
+                                f"torchvision's format there (it needs cifar-100-python/train "
+                                f"and cifar-100-python/test); --synthetic trains on generated data")
     return load_cifar100_lt(args.data_root, args.imbalance, args.n_max)
 
 
@@ -263,43 +263,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gumbel_kernels.classification.train_lt",
         description="CIFAR-100-LT: stage-1 softmax training, stage-2 classifier re-training "
-                    "(decoupling) with Gumbel or softmax (GOL Table 4).")
+                    "(decoupling) with Gumbel or softmax (GOL Table 4).",
+        formatter_class=HelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-root", help="folder holding torchvision's cifar-100-python/")
     src.add_argument("--synthetic", action="store_true", help="generated long-tailed data")
     parser.add_argument("--require-data", action="store_true",
-                        help="fail instead of falling back to synthetic data")
-    parser.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min (50/100/200)")
+                        help="accepted for old scripts: a --data-root without CIFAR-100 is "
+                        "always an error now")
+    parser.add_argument("--imbalance", type=float, default=100.0, help="n_max / n_min (the paper: 50, 100, 200)")
     parser.add_argument("--n-max", type=int, default=500, help="images of the largest class")
     parser.add_argument("--num-classes", type=int, default=100, help="(synthetic only)")
     parser.add_argument("--image-size", type=int, default=32, help="(synthetic only)")
     parser.add_argument("--test-per-class", type=int, default=100, help="(synthetic only)")
-    parser.add_argument("--depth", type=int, default=32, help="ResNet depth, 6n+2 (32)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the first stage (16)")
+    parser.add_argument("--depth", type=int, default=32, help="ResNet depth, 6n+2")
+    parser.add_argument("--width", type=int, default=16, help="channels of the first stage")
     parser.add_argument("--epochs", type=int, default=200, help="stage-1 epochs")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--warmup-epochs", type=int, default=5)
-    parser.add_argument("--stage2-epochs", type=int, default=10)
-    parser.add_argument("--stage2-loss", choices=("gumbel", "softmax"), default="gumbel")
-    parser.add_argument("--stage2-sampler", choices=("balanced", "instance"), default="balanced")
-    parser.add_argument("--stage2-lr", type=float, default=0.1)
-    parser.add_argument("--stage2-weight-decay", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=0.1, help="stage-1 peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="stage-1 weight decay")
+    parser.add_argument("--warmup-epochs", type=int, default=5,
+                        help="stage-1 linear warm-up epochs")
+    parser.add_argument("--stage2-epochs", type=int, default=10,
+                        help="classifier re-training epochs")
+    parser.add_argument("--stage2-loss", choices=("gumbel", "softmax"), default="gumbel",
+                        help="loss of the re-trained classifier")
+    parser.add_argument("--stage2-sampler", choices=("balanced", "instance"), default="balanced",
+                        help="class-balanced or instance sampling in stage 2")
+    parser.add_argument("--stage2-lr", type=float, default=0.1, help="stage-2 learning rate")
+    parser.add_argument("--stage2-weight-decay", type=float, default=5e-4,
+                        help="stage-2 weight decay")
     parser.add_argument("--stage1-checkpoint", help="skip stage 1: load this stage1.pt")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--no-augment", action="store_true", help="no crop/flip augmentation")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:k]")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("--out", required=True, help="output folder")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
     if args.epochs < 0 or args.stage2_epochs < 0:
-        raise SystemExit("error: --epochs and --stage2-epochs must be >= 0")
+        raise ValueError("--epochs and --stage2-epochs must be >= 0")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -324,21 +332,21 @@ def _run(args) -> Dict:
 
     started = time.time()
     if args.stage1_checkpoint:
-        state = torch.load(args.stage1_checkpoint, map_location=device, weights_only=True)
+        state = load_checkpoint(args.stage1_checkpoint)
         model.load_state_dict(state["model"])
         stage1_losses = state.get("epoch_losses", [])
     else:
         stage1_losses = train_stage1(model, data, norm, args, progress)
-        torch.save({"model": model.state_dict(), "epoch_losses": stage1_losses,
-                    "depth": args.depth, "width": args.width},
-                   os.path.join(args.out, "stage1.pt"))
+        save_checkpoint(os.path.join(args.out, "stage1.pt"),
+                        {"model": model.state_dict(), "epoch_losses": stage1_losses,
+                         "depth": args.depth, "width": args.width})
     stage1 = evaluate(model, data, norm)
     stage1.update(loss="softmax", sampler="instance", epochs=args.epochs,
                   epoch_losses=stage1_losses)
 
     stage2_losses = train_stage2(model, data, norm, args, progress)
-    torch.save({"model": model.state_dict(), "epoch_losses": stage2_losses},
-               os.path.join(args.out, "stage2.pt"))
+    save_checkpoint(os.path.join(args.out, "stage2.pt"),
+                    {"model": model.state_dict(), "epoch_losses": stage2_losses})
     stage2 = evaluate(model, data, norm)
     stage2.update(loss=args.stage2_loss, sampler=args.stage2_sampler, epochs=args.stage2_epochs,
                   epoch_losses=stage2_losses)
@@ -367,4 +375,4 @@ def _run(args) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

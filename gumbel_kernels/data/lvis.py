@@ -46,6 +46,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .masks import CroppedMasks
+from .validation import rle_problem
 
 __all__ = ["LVISDataset", "MASK_FORMATS", "collate_fn", "frequency_from_image_count"]
 
@@ -167,6 +168,10 @@ class _Validator:
             if isinstance(seg, dict) and seg["size"] != [img["height"], img["width"]]:
                 self.fail(f"{field}.segmentation.size", f"={seg['size']!r} differs from image "
                           f"{img['id']}'s [height, width] = [{img['height']}, {img['width']}]")
+            if isinstance(seg, dict):
+                problem = rle_problem(seg)
+                if problem:
+                    self.fail(f"{field}.segmentation.counts", problem)
 
     def segmentation(self, field: str, seg: Any):
         if isinstance(seg, list):

@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from .._cli import HelpFormatter, add_debug_flag, run
+
 __all__ = ["generate", "SHAPES", "COLOURS", "class_style"]
 
 COLOURS = {
@@ -288,13 +290,16 @@ def generate(out_dir, num_classes: int = 30, train_images: int = 200, val_images
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gumbel_kernels.data.synthetic",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-classes", type=int, default=30)
-    parser.add_argument("--train-images", type=int, default=200)
-    parser.add_argument("--val-images", type=int, default=50)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=int, default=30, help="categories")
+    parser.add_argument("--train-images", type=int, default=200, help="training images")
+    parser.add_argument("--val-images", type=int, default=50, help="validation images")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     paths = generate(args.out, args.num_classes, args.train_images, args.val_images,
                      args.image_size, args.seed)
@@ -306,4 +311,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -38,7 +38,6 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..engine.config import DEFAULTS
 from .mask_head import NormalizedMaskPredictor
 from .poolers import LevelRoIAlign
 from .roi_heads import GOLBoxPredictor, GOLRoIHeads, initialize_box_branch
@@ -94,6 +93,7 @@ def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module, *,
     `cfg` is a config's `model` section; keys it leaves out take engine/config.py's DEFAULTS.
     `load_weights=False` leaves the trunk at random init whatever model.weights says (for a
     model whose every weight comes from a checkpoint next: no download, same layers)."""
+    from ..engine.config import DEFAULTS  # here: engine.config validates against BACKBONES
     cfg = {**DEFAULTS["model"], **cfg}
     backbone = _backbone(cfg, load_weights)
     min_size = cfg["min_size"]

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -23,11 +23,14 @@ from tqdm import tqdm
 
 from ..data import aspect_ratio_groups, collate_fn, make_batches
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SCHEDULES
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import SCHEDULES, ConfigError, resume_conflicts
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "epoch",
+                "batch_in_epoch", "rng", "config")
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -97,9 +100,61 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def load_resume_state(path: str, cfg: dict, allow_pickle: bool = False) -> dict:
+    """The checkpoint `--resume` continues from, after checking that it is a training checkpoint
+    of this harness and that `cfg` changes only what a resume may change (RESUME_MAY_CHANGE:
+    e.g. max_iters, checkpoint_every, eval; not the model, the loss or the solver, whose
+    restored optimizer and schedule would silently keep the old values)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    missing = [k for k in _RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not a training checkpoint of this harness "
+                              f"(it lacks {', '.join(missing)})")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"--resume: {path} holds no config mapping (got "
+                              f"{type(state['config']).__name__})")
+    conflicts = resume_conflicts(state["config"], cfg)
+    if conflicts:
+        raise ConfigError(f"--resume: the config differs from the one {path} was trained with in "
+                          f"keys a resumed run cannot change: {'; '.join(conflicts)}. Restore "
+                          f"them, or start a new run in another --out")
+    return state
+
+
+def truncate_log(path: str, iteration: int) -> int:
+    """Cuts a JSONL training log back to its records up to `iteration` (a resumed run writes
+    the later ones again; a torn last line of a killed run goes too). Returns the number of
+    records dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record["iteration"]) <= iteration
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, out_dir: str,
-          resume: bool = False, progress: bool = True) -> Dict[str, float]:
-    """Trains `model` (already on `device`, DDP-wrapped if distributed); returns the last losses."""
+          resume_state: Optional[dict] = None, progress: bool = True) -> Dict[str, float]:
+    """Trains `model` (already on `device`, DDP-wrapped if distributed); returns the last losses.
+
+    `resume_state` (from load_resume_state) continues that run exactly; otherwise OUT/log.jsonl
+    is started anew. solver.max_iters caps the schedule (0: no step at all)."""
     solver = cfg["solver"]
     batch_size = int(solver["batch_size"])
     world = dist_utils.world_size()
@@ -115,10 +170,8 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
 
     iteration, epoch, batch_in_epoch = 0, 0, 0
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    if resume:
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = load_checkpoint(checkpoint_path)
+    if resume_state is not None:
+        state = resume_state
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -126,7 +179,10 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
         iteration, epoch, batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
         log.info("resumed from %s at iteration %d", checkpoint_path, iteration)
-    stop_at = min(total_iters, int(solver["max_iters"] or total_iters))
+    max_iters = solver["max_iters"]
+    stop_at = total_iters if max_iters is None else min(total_iters, int(max_iters))
+    if iteration >= stop_at:
+        log.info("at iteration %d of %d already: nothing to train", iteration, stop_at)
 
     def checkpoint():
         if dist_utils.is_main():
@@ -137,7 +193,15 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 "rng": rng_state(), "config": cfg})
         dist_utils.barrier()
 
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if dist_utils.is_main() else None
+    log_file = None
+    if dist_utils.is_main():
+        log_path = os.path.join(out_dir, LOG_NAME)
+        if resume_state is not None:
+            dropped = truncate_log(log_path, iteration)
+            if dropped:
+                log.info("%s: dropped %d records after iteration %d (they are trained again)",
+                         log_path, dropped, iteration)
+        log_file = open(log_path, "a" if resume_state is not None else "w")
     bar = tqdm(total=stop_at, initial=iteration, disable=not (progress and dist_utils.is_main()),
                desc="train", dynamic_ncols=True)
     last: Dict[str, float] = {}

@@ -41,9 +41,9 @@ def _pointer_attrs(fn, signature) -> dict:
 
 
 def _loss_kernel_variants() -> Iterator[Variant]:
-    for dtype, activation, bounded, exact, wide, total in itertools.product(
+    for dtype, activation, bounded, exact, wide, full, total in itertools.product(
             _ELEMENT, ("gumbel", "sigmoid"), (True, False), (False, True), (True, False),
-            ("i32", "i64")):
+            (True, False), ("i32", "i64")):
         float64 = dtype == "float64"
         gumbel = activation == "gumbel"
         if (bounded and (not gumbel or float64)) or (exact and not gumbel):
@@ -56,14 +56,16 @@ def _loss_kernel_variants() -> Iterator[Variant]:
             ("class_weight_ptr", f"*{math}"), ("row_weight_ptr", f"*{math}"),
             ("counts_ptr", "*i64"), ("ratio_ptr", "*fp32"), ("seed_ptr", "*i64"),
             ("grad_ptr", f"*{element}"), ("loss_ptr", f"*{element}"), ("partials_ptr", "*fp64"),
-            ("total", total), ("num_rows", "i32"), ("num_classes", "i32"),
+            ("first_tile", "i32"), ("total", total), ("num_rows", "i32"), ("num_classes", "i32"),
             ("ignore_index", "i32"), ("offset_lo", "i32"), ("offset_hi", "i32"),
             ("lo_bits", "i64"), ("hi_bits", "i64"),
             *((name, "i32") for name in kernels._RUNTIME_SWITCHES))
         constants = (("GUMBEL", gumbel), ("BOUNDED", bounded), ("GRAD_EXACT", exact),
-                     ("FLOAT64", float64), ("WIDE_ROWS", wide), ("GROUPS", tile // 4))
+                     ("FLOAT64", float64), ("WIDE_ROWS", wide), ("FULL", full),
+                     ("GROUPS", tile // 4))
         label = (f"{dtype} {activation}{' bounded' if bounded else ''}"
-                 f"{' exact' if exact else ''} {'wide' if wide else 'narrow'} total:{total}")
+                 f"{' exact' if exact else ''} {'wide' if wide else 'narrow'}"
+                 f"{'' if full else ' tail'} total:{total}")
         yield Variant("_gol_loss_kernel", signature, constants, kernels._num_warps(tile), label)
 
 

@@ -11,8 +11,8 @@ label check:
 1. `_row_statistics_kernel` (one program) counts the non-ignored rows, the foreground rows and
    the foreground rows of a drop class, finds the first out-of-range label, and divides the
    DropLoss ratio with IEEE rounding (the drop mask must be bit-identical to the reference's).
-2. `_gol_loss_kernel` walks the flat N*C elements in tiles of TILE = 4 * GROUPS, as a
-   [GROUPS, 4] block: each row of the block is one group of four flat elements, the unit of one
+2. `_gol_loss_kernel` walks the flat N*C elements in tiles of TILE = 4 * GROUPS (one launch
+   over the whole tiles, unmasked, one program for a partial last tile), as a [GROUPS, 4] block: each row of the block is one group of four flat elements, the unit of one
    Philox call (SPEC.md section 4) and one 128-bit load. A tile spans at most two rows when
    TILE <= C (the row and its label are a compare and a select per element; smaller C takes a
    division), the Philox words are picked per element from the group's own call (no
@@ -327,28 +327,32 @@ _RUNTIME_SWITCHES = ["drop_mode", "has_class_weight", "has_row_weight", "need_gr
                      "store_loss", "mean"]
 
 
-@triton.jit(do_not_specialize=["total", "num_rows", "num_classes", "ignore_index", "offset_lo",
+@triton.jit(do_not_specialize=["first_tile", "total", "num_rows", "num_classes", "ignore_index", "offset_lo",
                                "offset_hi", "lo_bits", "hi_bits", *_RUNTIME_SWITCHES])
 def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr,
                      counts_ptr, ratio_ptr, seed_ptr, grad_ptr, loss_ptr, partials_ptr,
-                     total, num_rows, num_classes, ignore_index, offset_lo, offset_hi, lo_bits,
-                     hi_bits, drop_mode, has_class_weight, has_row_weight, need_grad,
-                     store_loss, mean, GUMBEL: tl.constexpr, BOUNDED: tl.constexpr,
+                     first_tile, total, num_rows, num_classes, ignore_index, offset_lo,
+                     offset_hi, lo_bits, hi_bits, drop_mode, has_class_weight, has_row_weight,
+                     need_grad, store_loss, mean, GUMBEL: tl.constexpr, BOUNDED: tl.constexpr,
                      GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr, WIDE_ROWS: tl.constexpr,
-                     GROUPS: tl.constexpr):
+                     FULL: tl.constexpr, GROUPS: tl.constexpr):
     # drop_mode: 0 no drop, 1 eql (foreground rows), 2 droploss (and background rows).
-    # WIDE_ROWS: TILE <= C, so a tile spans at most two rows.
+    # WIDE_ROWS: TILE <= C, so a tile spans at most two rows. FULL: every element of the tile
+    # exists (all tiles but a partial last one, which a second launch of one program does).
     TILE: tl.constexpr = 4 * GROUPS
     math_dtype = tl.float64 if FLOAT64 else tl.float32
     lo = _float64_from_bits(lo_bits).to(math_dtype)
     hi = _float64_from_bits(hi_bits).to(math_dtype)
 
     # int64 flat indices: N * C may exceed 2^31; the columns fit 32 bits.
-    start = tl.program_id(0).to(tl.int64) * TILE
+    tile_index = first_tile + tl.program_id(0)
+    start = tile_index.to(tl.int64) * TILE
     local = tl.arange(0, GROUPS)[:, None] * 4 + tl.arange(0, 4)[None, :]
     flat = start + local
-    full = start + TILE <= total
-    in_range = flat < total
+    if FULL:
+        in_range = tl.full([GROUPS, 4], 1, tl.int1)  # constant: the loads and stores unmasked
+    else:
+        in_range = flat < total
     first_row = start // num_classes
     first_col = (start - first_row * num_classes).to(tl.int32)
     if WIDE_ROWS:
@@ -374,11 +378,7 @@ def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_wei
     foreground = valid & (label >= 0) & (label < num_classes)
     positive = foreground & (col == label)
 
-    # The logits: unmasked (vectorised) loads in every tile but the last.
-    if full:
-        q = tl.load(logits_ptr + flat).to(math_dtype)
-    else:
-        q = tl.load(logits_ptr + flat, mask=in_range, other=0.0).to(math_dtype)
+    q = tl.load(logits_ptr + flat, mask=in_range, other=0.0).to(math_dtype)
 
     # w = (0 if dropped) * class weight * row weight, in the reference's order: 0 * w keeps a
     # NaN/Inf weight visible.
@@ -419,22 +419,14 @@ def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_wei
     poison = tl.where(bad, float("nan"), q - q)
     keep = valid & ~bad
     weighted_loss = tl.where(valid, tl.where(keep, w * loss, 0.0) + poison, 0.0)
-    tl.store(partials_ptr + tl.program_id(0), tl.sum(weighted_loss).to(tl.float64))
+    tl.store(partials_ptr + tile_index, tl.sum(weighted_loss).to(tl.float64))
     if need_grad != 0:
         rows = tl.maximum(tl.load(counts_ptr), 1).to(math_dtype)
         scale = tl.where(mean != 0, 1.0 / rows, 1.0)
         weighted_grad = tl.where(valid, tl.where(keep, w * grad * scale, 0.0) + poison, 0.0)
-        weighted_grad = weighted_grad.to(grad_ptr.dtype.element_ty)
-        if full:
-            tl.store(grad_ptr + flat, weighted_grad)
-        else:
-            tl.store(grad_ptr + flat, weighted_grad, mask=in_range)
+        tl.store(grad_ptr + flat, weighted_grad.to(grad_ptr.dtype.element_ty), mask=in_range)
     if store_loss != 0:
-        weighted_loss = weighted_loss.to(loss_ptr.dtype.element_ty)
-        if full:
-            tl.store(loss_ptr + flat, weighted_loss)
-        else:
-            tl.store(loss_ptr + flat, weighted_loss, mask=in_range)
+        tl.store(loss_ptr + flat, weighted_loss.to(loss_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -559,18 +551,25 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
         num_tiles = triton.cdiv(total, tile)
         partials = torch.empty(num_tiles, dtype=torch.float64, device=device)
         offset &= _MASK64
-        torch.library.wrap_triton(_gol_loss_kernel)[(num_tiles,)](
-            logits, labels, drop,
-            class_weight if class_weight is not None else weight_dummy,
+        arguments = (
+            logits, labels, drop, class_weight if class_weight is not None else weight_dummy,
             row_weight if row_weight is not None else weight_dummy,
             counts, ratio, seed.to(device=device, dtype=torch.int64),
-            grad if need_grad else logits, loss if reduction == "none" else logits, partials,
+            grad if need_grad else logits, loss if reduction == "none" else logits, partials)
+        scalars = (
             total, n, num_classes, ignore_index, offset & 0xFFFFFFFF, offset >> 32,
             _float64_bits(clamp_min, -math.inf), _float64_bits(clamp_max, math.inf),
             drop_mode, int(class_weight is not None), int(row_weight is not None),
-            int(need_grad), int(reduction == "none"), int(reduction == "mean"),
-            **kernel_constants(logits.dtype, activation, clamp_min, clamp_max, grad_mode,
-                               num_classes))
+            int(need_grad), int(reduction == "none"), int(reduction == "mean"))
+        constants = kernel_constants(logits.dtype, activation, clamp_min, clamp_max, grad_mode,
+                                     num_classes)
+        full_tiles = total // tile
+        if full_tiles:
+            torch.library.wrap_triton(_gol_loss_kernel)[(full_tiles,)](
+                *arguments, 0, *scalars, FULL=True, **constants)
+        if full_tiles < num_tiles:
+            torch.library.wrap_triton(_gol_loss_kernel)[(1,)](
+                *arguments, full_tiles, *scalars, FULL=False, **constants)
         if reduction != "none":
             torch.library.wrap_triton(_finalize_kernel)[(1,)](
                 partials, counts, loss, num_tiles, MEAN=reduction == "mean",
