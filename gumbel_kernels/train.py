@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,9 +37,10 @@ from .detection import build_model
 from .engine import distributed as dist_utils
 from .engine.checkpoint import load_checkpoint
 from .engine.config import ConfigError, load_config
-from .engine.evaluator import evaluate
+from .engine.evaluator import SHARD_FOLDER, evaluate
 from .engine.plots import plot_run
-from .engine.trainer import CHECKPOINT_NAME, LOG_NAME, load_resume_state, train
+from .engine.run_log import LOG_NAME, TENSORBOARD_DIR
+from .engine.trainer import CHECKPOINT_NAME, SNAPSHOT_DIR, load_resume_state, train
 from .losses import build_classification_loss
 
 log = logging.getLogger("gumbel_kernels.train")
@@ -51,8 +53,9 @@ METHOD_PRESETS = {
 FREQUENCY_LOSSES = ("eql", "droploss", "gol")
 # What a run writes into OUT: a new run replaces all of them (--overwrite).
 RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "config.json", "results.json", "metrics.json",
-             "loss_curve.png", "ap_by_frequency.png")
-RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json")
+             "loss_curve.png", "ap_by_frequency.png", SNAPSHOT_DIR + "/", TENSORBOARD_DIR + "/",
+             SHARD_FOLDER + "/")
+RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json", SNAPSHOT_DIR + "/")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -160,7 +163,8 @@ def _prepare_output_dir(out_dir: str, overwrite: bool) -> None:
             f"{out_dir} holds an earlier run ({', '.join(found)}): --resume continues it, "
             f"--overwrite deletes those files and starts anew, or choose another --out")
     for name in found:
-        os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if overwrite and found:
         log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(found), out_dir)
 
