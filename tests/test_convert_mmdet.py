@@ -143,7 +143,8 @@ def mmdet_gol():
         prefix = {"backbone": "backbone.", "neck": "neck.", "rpn_head": "rpn_head.",
                   "bbox_head": "roi_head.bbox_head.", "mask_head": "roi_head.mask_head."}
         for name, module in modules.items():
-            mine = {k[len(prefix[name]):]: v for k, v in state.items() if k.startswith(prefix[name])}
+            mine = {k[len(prefix[name]):]: v for k, v in state.items()
+                    if k.startswith(prefix[name])}
             theirs = module.state_dict()
             assert {k: tuple(v.shape) for k, v in mine.items()} == \
                 {k: tuple(v.shape) for k, v in theirs.items()}, name  # the generator is right

@@ -22,7 +22,8 @@ def _bitmaps(k=7, h=45, w=61, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(k, h, w, dtype=torch.uint8)
     for i in range(k - 1):
-        y0, x0 = torch.randint(0, h - 4, (1,), generator=g).item(), torch.randint(0, w - 4, (1,), generator=g).item()
+        y0 = torch.randint(0, h - 4, (1,), generator=g).item()
+        x0 = torch.randint(0, w - 4, (1,), generator=g).item()
         y1 = min(h, y0 + torch.randint(2, h // 2, (1,), generator=g).item())
         x1 = min(w, x0 + torch.randint(2, w // 2, (1,), generator=g).item())
         out[i, y0:y1, x0:x1] = (torch.rand(y1 - y0, x1 - x0, generator=g) > 0.3).to(torch.uint8)

@@ -37,7 +37,7 @@ def _state(path):
     return load_checkpoint(str(path))["model"]
 
 
-def test_snapshots_are_written_evaluable_and_exact_after_a_resume(tiny_config, tmp_path):  # noqa: F811
+def test_snapshots_evaluate_and_survive_a_resume(tiny_config, tmp_path):  # noqa: F811
     # One epoch of the tiny set: 4 iterations, lr steps (1x at 8/12 and 11/12) at 3 and 4.
     common = ["--config", str(tiny_config), "--no-progress", "--no-eval",
               "--set", "solver.epochs=1"]
@@ -152,7 +152,8 @@ def test_real_tensorboard_event_files(tmp_path):
                  device=torch.device("cpu"), tensorboard=True)
     log.record(iteration=1, epoch=0, lr=0.1, losses={"loss": 1.0}, iter_time=1.0, data_time=0.0)
     log.close()
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    events = [p.name for p in (tmp_path / "tensorboard").iterdir()]
+    assert any(name.startswith("events.out.tfevents") for name in events)
 
 
 def test_the_loss_curve_draws_the_throughput_panel(tmp_path):

@@ -51,7 +51,8 @@ class CroppedMasks:
 
     # ------------------------------------------------------------------------- building --
     @classmethod
-    def from_bitmaps(cls, bitmaps: Iterable[np.ndarray], image_size: Sequence[int]) -> "CroppedMasks":
+    def from_bitmaps(cls, bitmaps: Iterable[np.ndarray],
+                     image_size: Sequence[int]) -> "CroppedMasks":
         """From (H, W) 0/1 arrays, one instance at a time (never K x H x W at once)."""
         boxes, crops = [], []
         for bitmap in bitmaps:

@@ -77,7 +77,9 @@ def load_trunk_weights(body: nn.Module, state: Dict[str, Tensor], source: str) -
     wanted = [k for k in body.state_dict() if not k.endswith("num_batches_tracked")]
     missing = [k for k in wanted if k not in state]
     if missing:
-        some = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        some = ", ".join(missing[:8])
+        if len(missing) > 8:
+            some += f", ... ({len(missing)} in all)"
         found = ", ".join(list(state)[:3])
         raise ValueError(f"model.weights={source}: {len(missing)} of the trunk's {len(wanted)} "
                          f"weights are missing: {some}. Expected torchvision ResNet names "

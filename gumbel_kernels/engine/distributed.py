@@ -1,5 +1,6 @@
 """torchrun / DDP helpers: a process group from torchrun's environment (nccl on GPUs, gloo on
-CPUs), rank queries that work without one, and work that rank 0 does before the others (downloads)."""
+CPUs), rank queries that work without one, and work that rank 0 does before the others
+(downloads)."""
 from __future__ import annotations
 
 import os

@@ -45,7 +45,7 @@ import logging
 import os
 import re
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -83,7 +83,8 @@ def _with_background(rows_per_class: int) -> Callable[[Tensor, int], Tensor]:
 # (harness key pattern, mmdetection key template, value conversion or None)
 RULES: Tuple[Tuple[str, str, Optional[Callable]], ...] = (
     (r"backbone\.body\.(.+)", r"backbone.\1", None),
-    (r"backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)", r"neck.lateral_convs.\1.conv.\2", None),
+    (r"backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)", r"neck.lateral_convs.\1.conv.\2",
+     None),
     (r"backbone\.fpn\.layer_blocks\.(\d+)\.0\.(weight|bias)", r"neck.fpn_convs.\1.conv.\2", None),
     (r"rpn\.head\.conv\.0\.0\.(weight|bias)", r"rpn_head.rpn_conv.\1", None),
     (r"rpn\.head\.cls_logits\.(weight|bias)", r"rpn_head.rpn_cls.\1", None),
@@ -92,7 +93,8 @@ RULES: Tuple[Tuple[str, str, Optional[Callable]], ...] = (
     (r"roi_heads\.box_head\.fc7\.(weight|bias)", r"roi_head.bbox_head.shared_fcs.1.\1", None),
     (r"roi_heads\.box_predictor\.cls_score\.(weight|bias)", FC_CLS + r".\1", None),
     (r"roi_heads\.box_predictor\.bbox_pred\.(weight|bias)", FC_REG + r".\1", _with_background(4)),
-    (r"roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)", r"roi_head.mask_head.convs.\1.conv.\2", None),
+    (r"roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)", r"roi_head.mask_head.convs.\1.conv.\2",
+     None),
     (r"roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)", r"roi_head.mask_head.upsample.\1",
      None),
     (r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)", CONV_LOGITS + r".\1",
@@ -273,7 +275,8 @@ def convert(in_path: str, out_path: str, config: str, num_classes: Optional[int]
     if have != width:
         kind = {found: "C logits (Gumbel/sigmoid heads)",
                 found + 1: "C + 1 logits, a background column (softmax, GumbelCE)"}
-        raise ConversionError(f"{in_path}: {FC_CLS} has {have} outputs, {kind.get(have, 'neither C nor C + 1')}; "
+        raise ConversionError(f"{in_path}: {FC_CLS} has {have} outputs, "
+                              f"{kind.get(have, 'neither C nor C + 1')}; "
                               f"the config's loss method.loss={cfg['method']['loss']!r} takes "
                               f"{width}: use the config of the run that trained it")
     converted = convert_state(state, model, found, in_path)

@@ -239,7 +239,7 @@ def _run_phase(args: List[str]) -> dict:
 
 
 def check_eval(images: int, dets: int, postprocess_images: int, device: str, out: str,
-               ranks: int = 8) -> dict:
+               ranks: int = 8, run_phase=_run_phase) -> dict:
     os.makedirs(out, exist_ok=True)
     gt_json = os.path.join(out, "val.json")
     start = time.perf_counter()
@@ -250,11 +250,11 @@ def check_eval(images: int, dets: int, postprocess_images: int, device: str, out
     del data
     generated = time.perf_counter() - start
     report = {"generated": {"images": images, "detections": written, "seconds": generated},
-              "idle_rss_mib": _run_phase(["idle"])["peak_rss_mib"]}
+              "idle_rss_mib": run_phase(["idle"])["peak_rss_mib"]}
     for way in ("chunked", "full_float_to_host"):
-        report[way] = _run_phase(["postprocess", gt_json, str(postprocess_images), str(dets),
-                                  device, way])
-    report["rank0_merge_and_eval"] = _run_phase(["evaluate", gt_json, out, str(ranks)])
+        report[way] = run_phase(["postprocess", gt_json, str(postprocess_images), str(dets),
+                                 device, way])
+    report["rank0_merge_and_eval"] = run_phase(["evaluate", gt_json, out, str(ranks)])
     return report
 
 
@@ -342,12 +342,12 @@ def phase_train_masks(ann_file: str, mask_format: str, device: str) -> dict:
     return out
 
 
-def check_train_masks(instances: int, device: str, out: str) -> dict:
+def check_train_masks(instances: int, device: str, out: str, run_phase=_run_phase) -> dict:
     os.makedirs(out, exist_ok=True)
     ann_file = os.path.join(out, "train_image.json")
     with open(ann_file, "w") as f:
         json.dump(lvis_like_train_image(instances), f)
-    return {way: _run_phase(["train_masks", ann_file, way, device])
+    return {way: run_phase(["train_masks", ann_file, way, device])
             for way in ("bitmap", "cropped")}
 
 
