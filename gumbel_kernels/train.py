@@ -5,10 +5,12 @@
         --data-root data/coco --device cuda
     python -m gumbel_kernels.train --config ... --eval-only --checkpoint runs/x/checkpoint.pt
 
-Writes OUT/log.jsonl (one line per iteration), OUT/checkpoint.pt (atomically, every
-solver.checkpoint_every iterations, at the end and on Ctrl-C), OUT/results.json (LVIS results
-format), OUT/metrics.json (AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and
-OUT/ap_by_frequency.png, and prints the metric table. A new run into a folder that holds an
+Writes OUT/log.jsonl (one line per iteration: losses, lr, times, ETA, GPU memory),
+OUT/checkpoint.pt (atomically, every solver.checkpoint_every iterations, at the end and on
+Ctrl-C), OUT/snapshots/ (the model at the lr steps and the end, solver.snapshots),
+OUT/tensorboard/ (when installed), OUT/results.json (LVIS results format), OUT/metrics.json
+(AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and OUT/ap_by_frequency.png, and
+prints the metric table. A new run into a folder that holds an
 earlier run's files stops unless --overwrite (delete them) or --resume (continue it) is given.
 
 The config, the data (annotations, categories, evaluation fields, every image's size) and a

@@ -72,10 +72,10 @@ def test_merged_shards_are_one_results_json(tmp_path):
         with open(path, "w") as f:
             for image_id, results in images:
                 f.write(f"{image_id}\t{json.dumps(results)}\n")
-    results, image_ids = merge_shards(str(tmp_path), 2)
+    path, image_ids, count = merge_shards(str(tmp_path), 2)
     expected = records[0][0][1] + records[1][0][1]
-    assert results == expected and image_ids == [10, 12, 11]  # 12: evaluated, nothing found
-    assert json.load(open(tmp_path / "results.json")) == expected
+    assert image_ids == [10, 12, 11] and count == 3  # 12: evaluated, nothing found
+    assert path == str(tmp_path / "results.json") and json.load(open(path)) == expected
     with pytest.raises(FileNotFoundError, match="rank 2's results"):
         merge_shards(str(tmp_path), 3)
 
@@ -148,3 +148,16 @@ def test_scale_check_runs_on_a_small_set(tmp_path, capsys):
                                           run_phase=in_process)
     assert masks["bitmap"]["target_checksum"] == masks["cropped"]["target_checksum"]
     assert masks["cropped"]["stored_mib"] < masks["bitmap"]["stored_mib"] / 5
+
+
+def test_evaluating_from_the_results_file_equals_the_list(tmp_path):
+    data = scale_check.lvis_like_val(5, seed=3)
+    gt = tmp_path / "val.json"
+    gt.write_text(json.dumps(data))
+    scale_check.write_result_shards(data, 30, str(tmp_path / "eval_shards"), ranks=2)
+    path, _, count = merge_shards(str(tmp_path), 2)
+    results = json.load(open(path))
+    assert count == len(results) == 150
+    from gumbel_kernels.evaluation import evaluate_lvis
+    assert evaluate_lvis(str(gt), path) == evaluate_lvis(str(gt), results)
+    assert json.load(open(path)) == results  # the list evaluated is not the one annotated

@@ -12,7 +12,8 @@ Built for LVIS v1 val (19,809 images x 300 detections) on 8 GPUs:
   large passes through the process group; a shared OUT folder is assumed (one machine, or a
   shared file system);
 - rank 0 merges the shards into OUT/results.json (the shards' json text copied, not
-  re-encoded), evaluates, writes OUT/metrics.json and deletes the shards.
+  parsed), evaluates from that file (read once per IoU type: one copy of the results in
+  memory at a time), writes OUT/metrics.json and deletes the shards.
 """
 from __future__ import annotations
 
@@ -71,10 +72,12 @@ def shard_path(out_dir: str, rank: int) -> str:
     return os.path.join(out_dir, SHARD_FOLDER, f"rank{rank}.jsonl")
 
 
-def merge_shards(out_dir: str, world: int) -> Tuple[List[dict], List[int]]:
-    """Rank 0: every rank's shard -> OUT/results.json (one json list) and (results, image ids)."""
-    results: List[dict] = []
+def merge_shards(out_dir: str, world: int) -> Tuple[str, List[int], int]:
+    """Rank 0: every rank's shard -> OUT/results.json, one json list; returns (its path, the
+    image ids evaluated, the number of results). No result is parsed: the lines' json text is
+    copied."""
     image_ids: List[int] = []
+    count = 0
     tmp = os.path.join(out_dir, ".results.json.tmp")
     with open(tmp, "w") as merged:
         merged.write("[")
@@ -92,10 +95,11 @@ def merge_shards(out_dir: str, world: int) -> Tuple[List[dict], List[int]]:
                         continue
                     merged.write(("" if first else ", ") + records[1:-1])
                     first = False
-                    results += json.loads(records)
+                    count += records.count('"image_id"')  # one per result
         merged.write("]")
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
-    return results, image_ids
+    path = os.path.join(out_dir, "results.json")
+    os.replace(tmp, path)
+    return path, image_ids, count
 
 
 @torch.no_grad()
@@ -128,12 +132,12 @@ def evaluate(model, dataset, val_json: str, device: torch.device, out_dir: str, 
     dist_utils.barrier()
     metrics: Dict[str, float] = {}
     if dist_utils.is_main():
-        results, image_ids = merge_shards(out_dir, dist_utils.world_size())
+        results_json, image_ids, _ = merge_shards(out_dir, dist_utils.world_size())
         shutil.rmtree(os.path.join(out_dir, SHARD_FOLDER), ignore_errors=True)
         limit = sorted(set(image_ids)) if max_images else None
-        metrics = evaluate_lvis(val_json, results, iou_types=("segm", "bbox"),
+        # From the file: read once per IoU type, so that rank 0 holds one copy at a time.
+        metrics = evaluate_lvis(val_json, results_json, iou_types=("segm", "bbox"),
                                 max_dets=max_dets, image_ids=limit)
-        del results
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(format_metrics_table(metrics))

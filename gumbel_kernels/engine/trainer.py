@@ -162,6 +162,9 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
     iters_per_epoch = max(1, math.ceil(len(sampler) / batch_size))
     total_iters, lr_factor = schedule(solver, iters_per_epoch)
     steps = lr_steps(solver, iters_per_epoch)[1]
+    log.info("an epoch: %d images per rank, %d iterations; %d iterations in all, lr x0.1 from "
+             "iterations %s; snapshots: %s", len(sampler), iters_per_epoch, total_iters,
+             ", ".join(map(str, steps)), solver["snapshots"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     use_amp = bool(solver["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")

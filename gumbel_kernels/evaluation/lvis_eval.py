@@ -15,6 +15,7 @@ all every defined AP is 0.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -127,10 +128,25 @@ def _percent(value: float) -> float:
     return value if value < 0 else 100.0 * value
 
 
-def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str] = ("segm", "bbox"),
+def _read_results(results) -> List[dict]:
+    """Results as a list: the given one, or read from an LVIS results json file."""
+    if isinstance(results, (str, os.PathLike)):
+        with open(results) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, list):
+            raise ValueError(f"{os.fspath(results)}: an LVIS results file is a json list")
+        return loaded
+    return list(results)
+
+
+def evaluate_lvis(gt_ann_file, results, iou_types: Sequence[str] = ("segm", "bbox"),
                   max_dets: int = 300, *, image_ids: Optional[Iterable[int]] = None,
                   verbose: bool = False) -> Dict[str, float]:
     """LVIS AP of `results` against the LVIS json `gt_ann_file` (a path, or the loaded dict).
+
+    `results`: a list of result dicts, or the path of a results json. A path is read again for
+    each IoU type and nothing else is kept, which is what keeps rank 0's memory down at LVIS
+    scale (19,809 images x 300 detections).
 
     `image_ids` restricts the evaluation to those images (e.g. a quick look at part of val);
     by default every image of the file counts, detected or not. `verbose` prints the summaries.
@@ -149,15 +165,25 @@ def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str]
         raise ValueError(f"iou_types={iou_types!r} must be a non-empty subset of ('segm', 'bbox')")
     if not isinstance(gt_ann_file, dict):
         gt_ann_file = os.fspath(gt_ann_file)
-    results = limit_dets_per_image(results, max_dets)
     if image_ids is not None:
         image_ids = list(image_ids)
         if not image_ids:
             raise ValueError("image_ids is empty")
-    if "segm" in iou_types and any("segmentation" not in r for r in results):
-        raise ValueError("segm evaluation needs a 'segmentation' in every result "
-                         "(detections_to_lvis_results(..., with_masks=True)); "
-                         "evaluate box-only results with iou_types=('bbox',)")
+    source = results if isinstance(results, (str, os.PathLike)) else None
+    given = None if source is not None else limit_dets_per_image(list(results), max_dets)
+
+    def fresh_results() -> List[dict]:
+        # loadRes annotates the dicts it is given (id, area, rle): a fresh list each time.
+        out = limit_dets_per_image(_read_results(source), max_dets) if source is not None \
+            else [dict(r) for r in given]
+        if "segm" in iou_types and any("segmentation" not in r for r in out):
+            raise ValueError("segm evaluation needs a 'segmentation' in every result "
+                             "(detections_to_lvis_results(..., with_masks=True)); "
+                             "evaluate box-only results with iou_types=('bbox',)")
+        return out
+
+    if given is not None:
+        fresh_results()  # a bad results list fails before anything is evaluated
     say = print if verbose else (lambda *a, **k: None)
     quiet = say if verbose else logger.debug
     gt = COCO(gt_ann_file, print_function=quiet)
@@ -167,8 +193,7 @@ def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str]
 
     metrics: Dict[str, float] = {}
     for iou_type in iou_types:
-        # loadRes annotates the dicts it is given (id, area, rle): give it fresh copies.
-        dt = gt.loadRes([dict(r) for r in results])
+        dt = gt.loadRes(fresh_results())
         dt.print_function = quiet
         ev = COCOeval_faster(gt, dt, iouType=iou_type, lvis_style=True, print_function=say)
         ev.params.maxDets = [max_dets]

@@ -216,12 +216,12 @@ def phase_evaluate(gt_json: str, out_dir: str, ranks: int) -> dict:
 
     base = peak_rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
-    results, image_ids = merge_shards(out_dir, ranks)
+    results_json, image_ids, count = merge_shards(out_dir, ranks)
     merged, cpu_merged = time.perf_counter(), time.process_time()
     after_merge = peak_rss_mib()
-    metrics = evaluate_lvis(gt_json, results, iou_types=("segm", "bbox"), max_dets=300)
+    metrics = evaluate_lvis(gt_json, results_json, iou_types=("segm", "bbox"), max_dets=300)
     done, cpu_done = time.perf_counter(), time.process_time()
-    return {"images": len(set(image_ids)), "detections": len(results),
+    return {"images": len(set(image_ids)), "detections": count,
             "merge_seconds": merged - start, "eval_seconds": done - merged,
             "merge_cpu_seconds": cpu_merged - cpu_start, "eval_cpu_seconds": cpu_done - cpu_merged,
             "rss_at_start_mib": base, "peak_rss_after_merge_mib": after_merge,
