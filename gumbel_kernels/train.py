@@ -10,8 +10,8 @@ OUT/checkpoint.pt (atomically, every solver.checkpoint_every iterations, at the 
 Ctrl-C), OUT/snapshots/ (the model at the lr steps and the end, solver.snapshots),
 OUT/tensorboard/ (when installed), OUT/results.json (LVIS results format), OUT/metrics.json
 (AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and OUT/ap_by_frequency.png, and
-prints the metric table. A new run into a folder that holds an
-earlier run's files stops unless --overwrite (delete them) or --resume (continue it) is given.
+prints the metric table. A new run into a folder that holds an earlier run's files stops
+unless --overwrite (delete them) or --resume (continue it) is given.
 
 The config, the data (annotations, categories, evaluation fields, every image's size) and a
 resumed checkpoint are checked before training starts; an error is one line (--debug: the
@@ -166,7 +166,10 @@ def _prepare_output_dir(out_dir: str, overwrite: bool) -> None:
             f"--overwrite deletes those files and starts anew, or choose another --out")
     for name in found:
         path = os.path.join(out_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     if overwrite and found:
         log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(found), out_dir)
 

@@ -67,8 +67,10 @@ def test_snapshots_evaluate_and_survive_a_resume(tiny_config, tmp_path):  # noqa
                               "--out", str(tmp_path / "eval_iter3")])
     assert set(metrics) >= {"AP", "APb"}
     # A new run into the folder (--overwrite) removes the earlier run's snapshots too.
-    train_cli.main(common + ["--out", str(straight), "--overwrite", "--max-iters", "1"])
-    assert not (straight / "snapshots").exists()
+    with pytest.raises(FileExistsError, match="snapshots/"):
+        train_cli._prepare_output_dir(str(resumed), overwrite=False)
+    train_cli._prepare_output_dir(str(straight), overwrite=True)
+    assert not (straight / "snapshots").exists() and not (straight / "checkpoint.pt").exists()
 
 
 def test_log_records_bar_fields_and_lines(tmp_path, caplog):
