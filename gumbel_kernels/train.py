@@ -5,11 +5,13 @@
         --data-root data/coco --device cuda
     python -m gumbel_kernels.train --config ... --eval-only --checkpoint runs/x/checkpoint.pt
 
-Writes OUT/log.jsonl (one line per iteration), OUT/checkpoint.pt (atomically, every
-solver.checkpoint_every iterations, at the end and on Ctrl-C), OUT/results.json (LVIS results
-format), OUT/metrics.json (AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and
-OUT/ap_by_frequency.png, and prints the metric table. A new run into a folder that holds an
-earlier run's files stops unless --overwrite (delete them) or --resume (continue it) is given.
+Writes OUT/log.jsonl (one line per iteration: losses, lr, times, ETA, GPU memory),
+OUT/checkpoint.pt (atomically, every solver.checkpoint_every iterations, at the end and on
+Ctrl-C), OUT/snapshots/ (the model at the lr steps and the end, solver.snapshots),
+OUT/tensorboard/ (when installed), OUT/results.json (LVIS results format), OUT/metrics.json
+(AP, APr, APc, APf, APb in percent), OUT/loss_curve.png and OUT/ap_by_frequency.png, and
+prints the metric table. A new run into a folder that holds an earlier run's files stops
+unless --overwrite (delete them) or --resume (continue it) is given.
 
 The config, the data (annotations, categories, evaluation fields, every image's size) and a
 resumed checkpoint are checked before training starts; an error is one line (--debug: the
@@ -23,6 +25,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,9 +39,10 @@ from .detection import build_model
 from .engine import distributed as dist_utils
 from .engine.checkpoint import load_checkpoint
 from .engine.config import ConfigError, load_config
-from .engine.evaluator import evaluate
+from .engine.evaluator import SHARD_FOLDER, evaluate
 from .engine.plots import plot_run
-from .engine.trainer import CHECKPOINT_NAME, LOG_NAME, load_resume_state, train
+from .engine.run_log import LOG_NAME, TENSORBOARD_DIR
+from .engine.trainer import CHECKPOINT_NAME, SNAPSHOT_DIR, load_resume_state, train
 from .losses import build_classification_loss
 
 log = logging.getLogger("gumbel_kernels.train")
@@ -51,8 +55,9 @@ METHOD_PRESETS = {
 FREQUENCY_LOSSES = ("eql", "droploss", "gol")
 # What a run writes into OUT: a new run replaces all of them (--overwrite).
 RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "config.json", "results.json", "metrics.json",
-             "loss_curve.png", "ap_by_frequency.png")
-RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json")
+             "loss_curve.png", "ap_by_frequency.png", SNAPSHOT_DIR + "/", TENSORBOARD_DIR + "/",
+             SHARD_FOLDER + "/")
+RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json", SNAPSHOT_DIR + "/")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -160,7 +165,11 @@ def _prepare_output_dir(out_dir: str, overwrite: bool) -> None:
             f"{out_dir} holds an earlier run ({', '.join(found)}): --resume continues it, "
             f"--overwrite deletes those files and starts anew, or choose another --out")
     for name in found:
-        os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     if overwrite and found:
         log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(found), out_dir)
 
@@ -267,7 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             json.dump(cfg, f, indent=2)
 
     paths = prepare_data(cfg)
-    mask_format = "polygon" if cfg["model"]["mask_target"] == "polygon" else "bitmap"
+    # Bitmap targets from masks cropped to their boxes: LVIS images with hundreds of instances
+    # would cost gigabytes as full-resolution bitmaps resized as float.
+    mask_format = "polygon" if cfg["model"]["mask_target"] == "polygon" else "cropped"
     train_set = LVISDataset(paths["train_json"], paths["train_images"],
                             transforms=build_transforms(True, cfg["data"]["flip_prob"]),
                             filter_empty=bool(cfg["data"]["filter_empty"]),
@@ -277,7 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     check_data(train_set, val_set, cfg, training=not args.eval_only, evaluating=not args.no_eval,
                progress=not args.no_progress)
     loss = build_loss(cfg, train_set)
-    model = build_model(cfg["model"], train_set.num_classes, loss).to(device)
+    model = build_model(cfg["model"], train_set.num_classes, loss,
+                        load_weights=not args.eval_only).to(device)
     log.info("%s: %d classes, %d training images, loss %s", args.config, train_set.num_classes,
              len(train_set), loss)
 
@@ -299,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         metrics = evaluate(model, val_set, paths["val_json"], device, out_dir,
                            max_dets=int(cfg["eval"]["max_dets"]),
                            batch_size=int(cfg["eval"]["batch_size"]),
-                           max_images=cfg["eval"]["max_images"], progress=not args.no_progress)
+                           max_images=cfg["eval"]["max_images"], progress=not args.no_progress,
+                           num_workers=int(cfg["data"]["num_workers"]))
     if dist_utils.is_main():
         _report_outputs(out_dir)
     dist_utils.cleanup()

@@ -2,11 +2,7 @@
 real Shared2FCBBoxHead (fc_cls width, loss() equal to gk.gol_loss, accuracy keys,
 predict_by_feat scores), the shipped configs/mmdet config, an LVIS json as ann_file, bad input.
 
-mmcv-lite has no compiled ops (`mmcv._ext`), and they cannot be built here: the `mm` fixture
-registers a stand-in `mmcv._ext` before mmdet.models is imported, whose `nms` is
-torchvision.ops.nms (what multiclass_nms needs at inference) and whose every other op raises.
-Without mmdet these tests skip; `make test` installs it and sets GUMBEL_REQUIRE_MMDET=1, which
-turns a skip into a failure.
+The `mm` fixture is tests/mmdet_support.py's mmdet with a stand-in for mmcv's compiled ops.
 """
 import importlib
 import json
@@ -14,15 +10,15 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import gumbel_kernels as gk
 from gumbel_kernels.losses import EQLv2Loss
+
+from mmdet_support import mmdet_modules, require  # noqa: I001 (tests/, on pytest's path)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mmdet" / "mask-rcnn_r50_fpn_gol_sample1e-3-ms-2x_lvis-v1.py"
@@ -30,54 +26,10 @@ C = 1203
 NUM_IMAGES = 100_000
 
 
-class _MMCVExtStandIn(types.ModuleType):
-    """mmcv._ext for tests: nms by torchvision, any other compiled op raises when called."""
-
-    @staticmethod
-    def nms(bboxes, scores, iou_threshold, offset=0):
-        if offset != 0:
-            raise NotImplementedError("the mmcv._ext stand-in's nms supports offset=0 only")
-        return torchvision.ops.nms(bboxes, scores, float(iou_threshold))
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def missing(*args, **kwargs):
-            raise NotImplementedError(f"mmcv._ext.{name}: compiled mmcv ops are not available "
-                                      f"in these tests (only nms has a stand-in)")
-        return missing
-
-
-def _require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if os.environ.get("GUMBEL_REQUIRE_MMDET") == "1":
-            raise
-        pytest.skip(f"{module} is not importable ({e}); `make test` installs mmdet 3.3, "
-                    f"mmengine and mmcv-lite")
-
-
 @pytest.fixture(scope="module")
 def mm():
-    """The adapter and mmdet's registry, with the mmcv._ext stand-in where mmcv has no ops."""
-    _require("mmdet")
-    saved = sys.modules.get("mmcv._ext")
-    try:
-        importlib.import_module("mmcv._ext")  # a full mmcv: use its real ops
-        stand_in = False
-    except ImportError:
-        sys.modules["mmcv._ext"] = _MMCVExtStandIn("mmcv._ext")
-        stand_in = True
-    adapter = importlib.import_module("gumbel_kernels.integrations.mmdet")
-    from mmdet.registry import MODELS
-    yield types.SimpleNamespace(adapter=adapter, MODELS=MODELS)
-    if stand_in:
-        if saved is None:
-            sys.modules.pop("mmcv._ext", None)
-        else:
-            sys.modules["mmcv._ext"] = saved
+    with mmdet_modules() as modules:
+        yield modules
 
 
 def _image_counts(num_classes=C, seed=0):
@@ -452,7 +404,7 @@ def test_bad_ann_file_names_file_and_field(mm, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")  # mmengine's, not ours
 def test_shipped_config_parses_and_builds(mm, tmp_path):
-    config_module = _require("mmengine.config")
+    config_module = require("mmengine.config")
     try:
         importlib.import_module("pkg_resources")
     except ImportError:

@@ -21,7 +21,10 @@ Conventions (what the rest of the harness relies on):
   lambda 0.0011) and of mmdetection's repeat-factor sampling (which counts the images left
   after `filter_empty`). `len(dataset)` is the number of items, smaller only with
   `filter_empty=True`.
-- Masks: `mask_format="bitmap"` gives `masks` uint8 (K, H, W); `"polygon"` gives `polygons`,
+- Masks: `mask_format="bitmap"` gives `masks` uint8 (K, H, W); `"cropped"` gives
+  `mask_crops`, the same bitmaps each kept only inside its own box (a
+  gumbel_kernels.data.masks.CroppedMasks: what training uses, as a few hundred full-image
+  bitmaps would cost gigabytes once resized); `"polygon"` gives `polygons`,
   one entry per instance: its polygons as float64 numpy arrays [x0, y0, x1, y1, ...] in image
   pixels (the box itself when the annotation has no segmentation), or, for an RLE
   annotation, its decoded uint8 (H, W) tensor -- mmdetection's PolygonMasks, which the
@@ -42,11 +45,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .masks import CroppedMasks
 from .validation import rle_problem
 
 __all__ = ["LVISDataset", "MASK_FORMATS", "collate_fn", "frequency_from_image_count"]
 
-MASK_FORMATS = ("bitmap", "polygon")
+MASK_FORMATS = ("bitmap", "polygon", "cropped")
 
 
 def frequency_from_image_count(image_count: int) -> str:
@@ -200,11 +204,12 @@ class LVISDataset(torch.utils.data.Dataset):
         filter_empty: leave out images with no usable annotation (for training; mmdetection's
             filter_empty_gt).
         with_masks: build mask targets (False skips them, e.g. for evaluation).
-        mask_format: "bitmap" (`masks`) or "polygon" (`polygons`), see the module docstring.
+        mask_format: "bitmap" (`masks`), "cropped" (`mask_crops`) or "polygon" (`polygons`),
+            see the module docstring.
 
     Item i is `(image, target)`: image float32 (3, H, W) in [0, 1]; target has `boxes` float32
-    (K, 4) xyxy in pixels, `labels` int64 contiguous class indices, `masks` uint8 (K, H, W) or
-    `polygons`, `image_id` int (LVIS id), `orig_size` int64 tensor (H, W).
+    (K, 4) xyxy in pixels, `labels` int64 contiguous class indices, `masks` uint8 (K, H, W),
+    `mask_crops` or `polygons`, `image_id` int (LVIS id), `orig_size` int64 tensor (H, W).
     """
 
     def __init__(self, ann_file, image_root, transforms: Optional[Callable] = None, *,
@@ -408,6 +413,9 @@ class LVISDataset(torch.utils.data.Dataset):
         }
         if self.with_masks and self.mask_format == "polygon":
             target["polygons"] = [self._polygon_entry(seg, h, w) for seg in segments]
+        elif self.with_masks and self.mask_format == "cropped":
+            target["mask_crops"] = CroppedMasks.from_bitmaps(
+                (mask_utils.decode(self._to_rle(seg, h, w)) for seg in segments), (h, w))
         elif self.with_masks:
             if segments:  # decoded together: (H, W, K) -> (K, H, W)
                 rles = [self._to_rle(seg, h, w) for seg in segments]

@@ -13,16 +13,23 @@ The factors are computed in float64 with the same operation order as mmdetection
 Distributed training: every rank builds the same epoch list (same seed and epoch), pads it by
 wrapping to a multiple of the world size, and takes the positions rank, rank + R, ... -- like
 torch's DistributedSampler: disjoint slices of equal length. Call `set_epoch(e)` every epoch.
+
+Batches: `make_batches(indices, batch_size, groups)` cuts a rank's epoch list into batches; with
+aspect-ratio groups (`aspect_ratio_groups`: mmdetection's flag, landscape vs. portrait) every
+batch holds images of one group only, as torchvision's GroupedBatchSampler builds them, so a
+padded batch of two images wastes no half-empty canvas. It is a function of the epoch list, so
+it composes with RFS, DDP (every rank gets the same number of batches) and an exact resume.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["repeat_factors", "RepeatFactorSampler", "build_train_sampler"]
+__all__ = ["repeat_factors", "RepeatFactorSampler", "build_train_sampler",
+           "aspect_ratio_groups", "make_batches"]
 
 
 def repeat_factors(dataset_or_class_sets, image_counts, num_images: int,
@@ -153,3 +160,43 @@ def build_train_sampler(dataset, kind: str = "rfs", *, threshold: float = 0.001,
         raise ValueError(f"kind={kind!r} must be 'rfs' or 'random'")
     return RepeatFactorSampler(factors, mode=mode, shuffle=shuffle, seed=seed,
                                num_replicas=num_replicas, rank=rank)
+
+
+def aspect_ratio_groups(dataset) -> List[int]:
+    """Per item: 1 if the image is wider than tall, else 0 (mmdetection's group flag), from the
+    json's width and height (no image is read)."""
+    return [int(dataset.image_info(i)["width"] > dataset.image_info(i)["height"])
+            for i in range(len(dataset))]
+
+
+def make_batches(indices: Sequence[int], batch_size: int,
+            groups: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """ceil(len(indices) / batch_size) batches of `indices`, in order.
+
+    Without `groups`: consecutive slices (the last one may be short). With `groups` (a group id
+    per dataset item): torchvision's GroupedBatchSampler rule -- each index joins its group's
+    buffer and a full buffer is a batch; at the end, the fullest leftover buffers are topped
+    up with that group's earliest indices of the epoch (cycling if the group is smaller than a
+    batch) until the count is reached; the images of leftover buffers not needed are left out
+    of this epoch (fewer than batch_size per group)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    count = math.ceil(len(indices) / batch_size)
+    if groups is None:
+        return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    out: List[List[int]] = []
+    buffers: dict = {}
+    seen: dict = {}
+    for index in indices:
+        group = groups[index]
+        buffers.setdefault(group, []).append(index)
+        seen.setdefault(group, []).append(index)
+        if len(buffers[group]) == batch_size:
+            out.append(buffers.pop(group))
+    leftovers = sorted(buffers.items(), key=lambda item: -len(item[1]))  # stable: first seen
+    for group, partial in leftovers[:count - len(out)]:
+        members = seen[group]
+        need = batch_size - len(partial)
+        partial += [members[k % len(members)] for k in range(need)]
+        out.append(partial)
+    return out

@@ -103,6 +103,8 @@ class RandomHorizontalFlip:
                 target["boxes"] = boxes
             if "masks" in target:
                 target["masks"] = target["masks"].flip(-1)
+            if "mask_crops" in target:
+                target["mask_crops"] = target["mask_crops"].flip()
             if "polygons" in target:
                 target["polygons"] = [flip_polygon_entry(entry, width)
                                       for entry in target["polygons"]]
@@ -162,6 +164,9 @@ class ResizeShorterSide:
                               align_corners=False)[0]
         if target is not None:
             target = dict(target)
+            if "mask_crops" in target:
+                raise ValueError("ResizeShorterSide: `mask_crops` targets are resized by the "
+                                 "mask targets, not here (use mask_format='bitmap')")
             if "boxes" in target:
                 factors = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
                 target["boxes"] = target["boxes"] * factors

@@ -8,6 +8,11 @@
   M / max(width, 1) and M / max(height, 1), and rasterised at M x M (pycocotools); needs the
   `polygons` targets of mask_format="polygon" (an RLE instance there is a bitmap and takes the
   "bitmap" rule).
+The bitmap kinds take the full-image `masks` of torchvision's transform or, without them, the
+`mask_crops` of mask_format="cropped" (gumbel_kernels.data.masks): the matched instances'
+bitmaps are then rebuilt at the model's size, exactly as the transform's nearest resize would
+have made them, a chunk of instances at a time (_CHUNK_PIXELS), so the targets are the same
+and an image with hundreds of instances never holds them all at full resolution.
 The loss is the same for all: mean binary cross-entropy with logits of the RoI's class channel.
 """
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchvision.ops import roi_align
+
+from ..data.masks import CroppedMasks
 
 MASK_TARGETS = ("roi_align", "bitmap", "polygon")
 
@@ -37,6 +44,25 @@ def _bitmap_targets(bitmaps: Tensor, boxes: Tensor, matched: Tensor, size: int,
     pooled = roi_align(bitmaps[:, None].to(boxes.dtype), rois, (size, size), 1.0,
                        sampling_ratio=0 if aligned else -1, aligned=aligned)[:, 0]
     return (pooled >= 0.5).to(pooled.dtype) if aligned else pooled
+
+
+# Full-resolution pixels of rebuilt bitmaps alive at once (uint8, then float for RoIAlign).
+_CHUNK_PIXELS = 8 << 20
+
+
+def _cropped_targets(crops: CroppedMasks, boxes: Tensor, matched: Tensor, size: int,
+                     aligned: bool, image_shape: Tuple[int, int]) -> Tensor:
+    """_bitmap_targets of the bitmaps `crops` stands for, resized to image_shape."""
+    out = boxes.new_zeros((boxes.shape[0], size, size))
+    instances = torch.unique(matched)  # sorted
+    per_chunk = max(1, _CHUNK_PIXELS // max(1, int(image_shape[0]) * int(image_shape[1])))
+    for start in range(0, instances.numel(), per_chunk):
+        chunk = instances[start:start + per_chunk]
+        bitmaps = crops.bitmaps(chunk.tolist(), image_shape)
+        rows = torch.isin(matched, chunk)
+        out[rows] = _bitmap_targets(bitmaps, boxes[rows], torch.searchsorted(chunk, matched[rows]),
+                                    size, aligned)
+    return out
 
 
 def rasterize_polygons_in_box(polygons, box, size: int) -> np.ndarray:
@@ -75,7 +101,8 @@ def mask_targets(kind: str, proposals: List[Tensor], matched_idxs: List[Tensor],
     Args:
         proposals: per image, the positive RoIs (x1, y1, x2, y2) in the model's resized frame.
         matched_idxs: per image, the index of each RoI's ground-truth instance.
-        targets: per image, with `masks` (K, H, W) ("roi_align", "bitmap") or `polygons`.
+        targets: per image, with `masks` (K, H, W) or `mask_crops` ("roi_align", "bitmap"), or
+            `polygons` ("polygon").
         image_shapes: per image, (height, width) after resizing.
     """
     out = []
@@ -91,9 +118,12 @@ def mask_targets(kind: str, proposals: List[Tensor], matched_idxs: List[Tensor],
             limit = boxes.new_tensor([width, height, width, height])
             clipped = torch.minimum(boxes.clamp(min=0), limit)  # mmdetection clips to the image
             out.append(_polygon_targets(target["polygons"], clipped, matched, size))
-        else:
+        elif "masks" in target:
             out.append(_bitmap_targets(target["masks"], boxes, matched, size,
                                        aligned=kind == "bitmap"))
+        else:
+            out.append(_cropped_targets(target["mask_crops"], boxes, matched, size,
+                                        kind == "bitmap", (height, width)))
     return torch.cat(out, dim=0)
 
 

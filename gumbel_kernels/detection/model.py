@@ -3,7 +3,8 @@
 Keys (defaults in gumbel_kernels/engine/config.py, DEFAULTS["model"]):
   backbone: resnet18 | resnet34 | resnet50 | resnet101 (FPN)
   weights: null (random init), a local state-dict file of the ResNet trunk, or a torchvision
-           weight name such as ResNet50_Weights.IMAGENET1K_V1 (needs a download)
+           weight name such as ResNet50_Weights.IMAGENET1K_V1 (downloaded once, by rank 0);
+           a trunk key missing from either is an error (detection/weights.py)
   trainable_layers: ResNet stages trained (5 = all; 3 is torchvision's default with weights)
   norm: frozen_bn (torchvision's default, for pretrained trunks) | eval_bn (mmdetection's
         norm_eval=True: BatchNorm statistics frozen, gamma/beta trained in the trainable
@@ -30,12 +31,8 @@ Keys (defaults in gumbel_kernels/engine/config.py, DEFAULTS["model"]):
 from __future__ import annotations
 
 import logging
-import os
-from typing import Optional
 
-import torch
 from torch import nn
-from torchvision.models import get_weight
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
@@ -46,6 +43,7 @@ from .poolers import LevelRoIAlign
 from .roi_heads import GOLBoxPredictor, GOLRoIHeads, initialize_box_branch
 from .rpn import GOLRegionProposalNetwork
 from .transform import GOLTransform
+from .weights import load_trunk_weights, read_trunk_weights
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +59,43 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
         return super().train(False)
 
 
-def _backbone(cfg: dict):
+def resolved_norm(cfg: dict) -> str:
+    """model.norm, with its default (frozen_bn with trunk weights, bn without) filled in."""
+    norm = cfg["norm"] or ("frozen_bn" if cfg["weights"] else "bn")
+    if norm not in NORMS:
+        raise ValueError(f"model.norm={norm!r} must be one of {', '.join(NORMS)}")
+    return norm
+
+
+def _backbone(cfg: dict, load_weights: bool):
     name = cfg["backbone"]
     if name not in BACKBONES:
         raise ValueError(f"model.backbone={name!r} must be one of {', '.join(BACKBONES)}")
-    weights = cfg["weights"]
-    torchvision_weights = None
-    local_file: Optional[str] = None
-    if weights:
-        if os.path.exists(str(weights)):
-            local_file = str(weights)
-        else:
-            try:
-                torchvision_weights = get_weight(str(weights))
-            except (ValueError, KeyError) as error:
-                raise ValueError(f"model.weights={weights!r} is neither a file nor a torchvision "
-                                 f"weight name ({error})") from None
-    else:
-        log.warning("model.weights is empty: the %s backbone starts from random init", name)
-    norm = cfg["norm"] or ("frozen_bn" if weights else "bn")
-    if norm not in NORMS:
-        raise ValueError(f"model.norm={norm!r} must be one of {', '.join(NORMS)}")
     norm_layer = {"frozen_bn": FrozenBatchNorm2d, "eval_bn": EvalBatchNorm2d,
-                  "bn": nn.BatchNorm2d}[norm]
-    backbone = resnet_fpn_backbone(backbone_name=name, weights=torchvision_weights,
+                  "bn": nn.BatchNorm2d}[resolved_norm(cfg)]
+    # The trunk's weights are loaded below, by the one strict path for files and torchvision
+    # names alike; freezing stages does not depend on them.
+    backbone = resnet_fpn_backbone(backbone_name=name, weights=None,
                                    trainable_layers=int(cfg["trainable_layers"]),
                                    norm_layer=norm_layer)
-    if local_file is not None:
-        state = torch.load(local_file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = backbone.body.load_state_dict(state, strict=False)
-        log.info("loaded %s: %d missing, %d unexpected keys", local_file, len(missing),
-                 len(unexpected))
+    if not cfg["weights"]:
+        log.warning("model.weights is empty: the %s backbone starts from random init", name)
+    elif load_weights:
+        state, source = read_trunk_weights(cfg["weights"], name)
+        load_trunk_weights(backbone.body, state, source)
     return backbone
 
 
-def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module) -> MaskRCNN:
+def build_model(cfg: dict, num_classes: int, classification_loss: nn.Module, *,
+                load_weights: bool = True) -> MaskRCNN:
     """Mask R-CNN for `num_classes` foreground classes with `classification_loss` in the box head.
 
-    `cfg` is a config's `model` section; keys it leaves out take engine/config.py's DEFAULTS."""
+    `cfg` is a config's `model` section; keys it leaves out take engine/config.py's DEFAULTS.
+    `load_weights=False` leaves the trunk at random init whatever model.weights says (for a
+    model whose every weight comes from a checkpoint next: no download, same layers)."""
     from ..engine.config import DEFAULTS  # here: engine.config validates against BACKBONES
     cfg = {**DEFAULTS["model"], **cfg}
-    backbone = _backbone(cfg)
+    backbone = _backbone(cfg, load_weights)
     min_size = cfg["min_size"]
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
     pre_nms, post_nms = cfg["rpn_pre_nms_top_n"], cfg["rpn_post_nms_top_n"]

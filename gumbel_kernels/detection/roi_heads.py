@@ -133,11 +133,12 @@ class GOLRoIHeads(RoIHeads):
     def check_targets(self, targets):
         if targets is None:
             raise ValueError("GOLRoIHeads: targets are required in training mode")
-        mask_key = "polygons" if self.mask_target == "polygon" else "masks"
-        for key in ("boxes", "labels") + ((mask_key,) if self.has_mask() else ()):
-            if not all(key in t for t in targets):
-                raise ValueError(f"GOLRoIHeads: every target needs `{key}` (model.mask_target="
-                                 f"{self.mask_target!r})")
+        mask_keys = ("polygons",) if self.mask_target == "polygon" else ("masks", "mask_crops")
+        needed = [("boxes",), ("labels",)] + ([mask_keys] if self.has_mask() else [])
+        for keys in needed:
+            if not all(any(key in t for key in keys) for t in targets):
+                raise ValueError(f"GOLRoIHeads: every target needs `{'` or `'.join(keys)}` "
+                                 f"(model.mask_target={self.mask_target!r})")
 
     def class_scores(self, class_logits: Tensor) -> Tensor:
         """(N, C) foreground scores from the classifier's logits, by `score_activation`."""

@@ -8,6 +8,9 @@
   "grid_sample": mmdetection 2.x / detectron2's paste: every image pixel centre (x + 0.5,
   y + 0.5) inside the float box is sampled bilinearly from the mask with grid_sample
   (about +0.5 mask AP by mmdetection's notes).
+  With `paste_masks = False` the masks stay the (K, 1, M, M) probabilities of the mask head
+  (boxes still in the original image): the evaluator pastes, binarises and run-length encodes
+  them in chunks on the device, never holding K full-resolution float masks at once.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from ..data.transforms import resize_polygon_entry
@@ -49,6 +53,15 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, image_size: Tuple[int,
     return out
 
 
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], kind: str) -> Tensor:
+    """(N, 1, M, M) mask probabilities -> (N, 1, H, W) in the image by `kind` (MASK_PASTES)."""
+    if kind == "grid_sample":
+        return paste_masks_grid_sample(masks, boxes, image_size)
+    if kind == "torchvision":
+        return paste_masks_in_image(masks, boxes, (int(image_size[0]), int(image_size[1])))
+    raise ValueError(f"model.mask_paste={kind!r} must be one of {', '.join(MASK_PASTES)}")
+
+
 def _paste_chunk(masks: Tensor, boxes: Tensor, out: Tensor, height: int, width: int) -> None:
     # Only the rows and columns the chunk's boxes cover (one pixel of margin) are sampled.
     x_lo = int(max(torch.floor(boxes[:, 0].min()).item() - 1, 0))
@@ -72,7 +85,8 @@ def _paste_chunk(masks: Tensor, boxes: Tensor, out: Tensor, height: int, width: 
 
 
 class GOLTransform(GeneralizedRCNNTransform):
-    """GeneralizedRCNNTransform + polygon targets + `mask_paste` (see the module docstring)."""
+    """GeneralizedRCNNTransform + polygon targets + `mask_paste` + `paste_masks` (see the
+    module docstring)."""
 
     def __init__(self, *args, mask_paste: str = "torchvision", **kwargs):
         super().__init__(*args, **kwargs)
@@ -80,6 +94,7 @@ class GOLTransform(GeneralizedRCNNTransform):
             raise ValueError(f"model.mask_paste={mask_paste!r} must be one of "
                              f"{', '.join(MASK_PASTES)}")
         self.mask_paste = mask_paste
+        self.paste_masks = True
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):
         old_size = tuple(image.shape[-2:])
@@ -92,11 +107,11 @@ class GOLTransform(GeneralizedRCNNTransform):
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
                     original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        if self.training or self.mask_paste == "torchvision":
-            return super().postprocess(result, image_shapes, original_image_sizes)
+        if self.training:
+            return result
         for pred, image_shape, original_size in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], image_shape, original_size)
-            if "masks" in pred:
-                pred["masks"] = paste_masks_grid_sample(pred["masks"], pred["boxes"],
-                                                        original_size)
+            if "masks" in pred and self.paste_masks:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original_size,
+                                            self.mask_paste)
         return result

@@ -54,7 +54,7 @@ DEFAULTS: Dict[str, Any] = {
         "val_json": "annotations/lvis_v1_val.json", "train_images": ".", "val_images": ".",
         "synthetic": None, "filter_empty": True,
         "sampler": "random", "rfs_threshold": 0.001, "rfs_mode": "deterministic",
-        "flip_prob": 0.5, "num_workers": 4,
+        "flip_prob": 0.5, "num_workers": 4, "aspect_ratio_grouping": False,
         "check_images": True,
     },
     "method": {"loss": "softmax", "lambda_": 0.0011, "activation": None},
@@ -62,6 +62,7 @@ DEFAULTS: Dict[str, Any] = {
         "base_lr": 0.02, "base_batch_size": 16, "batch_size": 2, "schedule": "1x",
         "epochs": None, "max_iters": None, "warmup_iters": 500, "warmup_factor": 0.001,
         "momentum": 0.9, "weight_decay": 1e-4, "amp": False, "checkpoint_every": 1000,
+        "snapshots": "steps", "log_every": 20, "tensorboard": "auto",
         "clip_grad_norm": None,
     },
     "eval": {"max_dets": 300, "batch_size": 1, "max_images": None},
@@ -361,6 +362,9 @@ KEY_RULES: Dict[str, _Rule] = {
     "solver.weight_decay": Float(min=0),
     "solver.checkpoint_every": Maybe(Int(min=0)),
     "solver.clip_grad_norm": Maybe(Float(above=0)),
+    "solver.snapshots": Text(("steps", "epochs", "none")),
+    "solver.log_every": Int(min=1),
+    "solver.tensorboard": Either(Flag(), Text(("auto",))),
     "eval.max_dets": Int(min=1),
     "eval.batch_size": Int(min=1),
     "eval.max_images": Maybe(Int(min=1)),
@@ -371,7 +375,8 @@ KEY_RULES: Dict[str, _Rule] = {
 # (model, data set, sampler, loss, solver, seed) shapes the run already made and must match.
 RESUME_MAY_CHANGE = ("name", "description", "output_dir", "data.root", "data.train_images",
                      "data.val_images", "data.val_json", "data.num_workers", "data.check_images",
-                     "solver.max_iters", "solver.checkpoint_every", "eval")
+                     "solver.max_iters", "solver.checkpoint_every", "solver.snapshots",
+                     "solver.log_every", "solver.tensorboard", "eval")
 
 
 # ---------------------------------------------------------------------------- the schema --

@@ -1,9 +1,10 @@
 """torchrun / DDP helpers: a process group from torchrun's environment (nccl on GPUs, gloo on
-CPUs), rank queries that work without one, and gathering Python objects to rank 0."""
+CPUs), rank queries that work without one, and work that rank 0 does before the others
+(downloads)."""
 from __future__ import annotations
 
 import os
-from typing import Any, List
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -37,15 +38,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_objects(obj: Any) -> List[Any]:
-    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
-    return out if is_main() else []
-
-
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_on_main_first(fn: Callable[[], Any], what: str) -> Any:
+    """fn() on rank 0 first, then, once it has succeeded, on every other rank: for work whose
+    result rank 0 leaves where the others can read it (a download into the shared torch hub
+    cache, which the other ranks then only read). If rank 0 fails, every rank raises at once
+    instead of waiting at a barrier forever."""
+    if not dist.is_initialized() or world_size() == 1:
+        return fn()
+    result, failure, status = None, None, [None]
+    if is_main():
+        try:
+            result = fn()
+        except Exception as error:  # reported to every rank, re-raised here below
+            failure = error
+            status = [f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, src=0)
+    if failure is not None:
+        raise failure
+    if status[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {status[0]}")
+    return result if is_main() else fn()

@@ -4,8 +4,9 @@
         [--out DIR] [--smooth 20]
 
 - loss_curve.png from log.jsonl (one record per iteration): every `loss*` term against the
-  iteration (raw, thin, and a running mean over --smooth iterations, thick; log scale), and the
-  learning rate below it.
+  iteration (raw, thin, and a running mean over --smooth iterations, thick; log scale), the
+  learning rate below it and, where the log has them, the seconds per iteration and waiting
+  for data (running means) with the peak GPU memory.
 - ap_by_frequency.png from metrics.json: mask AP overall and per LVIS frequency group (APr, APc,
   APf; percent) and box AP, as bars; an undefined group (-1: no ground truth) is marked n/a.
 The trainer writes both into its output folder at the end of a run.
@@ -63,9 +64,10 @@ def plot_loss_curve(records: Sequence[dict], path: str, *, smooth: int = 20,
                    key=lambda k: (k != "loss", k))
     plt = _pyplot()
     has_lr = any("lr" in r for r in records)
-    fig, axes = plt.subplots(2 if has_lr else 1, 1, figsize=(8, 6 if has_lr else 4),
-                             sharex=True, squeeze=False, gridspec_kw=None if not has_lr
-                             else {"height_ratios": [3, 1]})
+    has_time = any("time" in r for r in records)
+    ratios = [3] + [1] * (has_lr + has_time)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(8, 4 + 1.6 * (len(ratios) - 1)),
+                             sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})
     ax = axes[0, 0]
     for k, term in enumerate(terms):
         points = [(i, r[term]) for i, r in zip(iterations, records)
@@ -89,11 +91,30 @@ def plot_loss_curve(records: Sequence[dict], path: str, *, smooth: int = 20,
                    linewidth=1.0)
         lr_ax.set_ylabel("lr")
         lr_ax.grid(True, alpha=0.3)
+    if has_time:
+        _plot_throughput(axes[-1, 0], iterations, records, smooth)
     axes[-1, 0].set_xlabel("iteration")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_throughput(ax, iterations, records, smooth: int) -> None:
+    """Seconds per iteration and waiting for data (running means); peak GPU memory if logged."""
+    for key, colour in (("time", "C0"), ("data_time", "C1")):
+        points = [(i, r[key]) for i, r in zip(iterations, records) if key in r]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, _running_mean(ys, max(1, smooth)), color=colour, linewidth=1.0, label=key)
+    ax.set_ylabel("s / iter")
+    ax.grid(True, alpha=0.3)
+    memory = [(i, r["max_mem_mb"] / 1024) for i, r in zip(iterations, records) if "max_mem_mb" in r]
+    if memory:
+        twin = ax.twinx()
+        twin.plot(*zip(*memory), color="C3", linewidth=1.0, label="max_mem")
+        twin.set_ylabel("GPU GiB", color="C3")
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def plot_ap_by_frequency(metrics: Dict[str, float], path: str, *,

@@ -1,5 +1,12 @@
 """The training loop: SGD with linear warm-up and step decay, AMP, DDP, atomic checkpoints with an
-exact resume, a progress bar and a JSONL log.
+exact resume, per-epoch model snapshots, a progress bar, a JSONL log and TensorBoard (run_log.py).
+
+Files: OUT/checkpoint.pt is the rolling training state (every solver.checkpoint_every
+iterations, at the end and on a stop signal: what --resume reads); OUT/snapshots/ keeps the
+model at chosen points for evaluation (solver.snapshots: "steps", the default: after the last
+iteration before each learning-rate step and at the end of the schedule; "epochs": also at the
+end of every epoch; "none"), named epoch_<E>.pt at an epoch's end (the standard schedules' steps
+are), else iter_<N>.pt: `--eval-only --checkpoint OUT/snapshots/epoch_16.pt`.
 
 Exact resume: the data order is a function of (seed, epoch) (the sampler) and of the position in
 the epoch (saved), the DataLoader draws its worker seeds from its own generator, and the global
@@ -9,7 +16,6 @@ workers, so only the order, not the flips, is replayed exactly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,14 +27,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import collate_fn
+from ..data import aspect_ratio_groups, collate_fn, make_batches
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SCHEDULES, ConfigError, resume_conflicts
+from .run_log import RunLog
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
+SNAPSHOT_DIR = "snapshots"
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "epoch",
                 "batch_in_epoch", "rng", "config")
 
@@ -55,13 +62,30 @@ def scaled_lr(solver: dict, total_batch: int) -> float:
     return lr
 
 
-def schedule(solver: dict, iters_per_epoch: int):
-    """(total iterations, lr factor per iteration): warm-up, then x0.1 at the schedule's steps,
-    placed at the same fraction of training when `epochs` overrides the schedule's length."""
+def lr_steps(solver: dict, iters_per_epoch: int):
+    """(total iterations, the iterations from which the lr is 10x lower each time)."""
     schedule_epochs, step_epochs = SCHEDULES[solver["schedule"]]
     epochs = solver["epochs"] or schedule_epochs
     total = max(1, epochs * iters_per_epoch)
-    steps = [round(total * e / schedule_epochs) for e in step_epochs]
+    return total, [round(total * e / schedule_epochs) for e in step_epochs]
+
+
+def snapshot_name(iteration: int, epoch_done: Optional[int], solver: dict,
+                  steps: List[int], total: int) -> Optional[str]:
+    """The snapshot file the model gets after `iteration` (epoch_done: the epoch that has just
+    ended, else None), or None (see the module docstring)."""
+    kind = solver["snapshots"]
+    wanted = kind != "none" and (iteration in steps or iteration == total
+                                 or (kind == "epochs" and epoch_done is not None))
+    if not wanted:
+        return None
+    return f"epoch_{epoch_done:02d}.pt" if epoch_done is not None else f"iter_{iteration:07d}.pt"
+
+
+def schedule(solver: dict, iters_per_epoch: int):
+    """(total iterations, lr factor per iteration): warm-up, then x0.1 at the schedule's steps,
+    placed at the same fraction of training when `epochs` overrides the schedule's length."""
+    total, steps = lr_steps(solver, iters_per_epoch)
     warmup, factor = int(solver["warmup_iters"]), float(solver["warmup_factor"])
 
     def lr_factor(iteration: int) -> float:
@@ -123,32 +147,6 @@ def load_resume_state(path: str, cfg: dict, allow_pickle: bool = False) -> dict:
     return state
 
 
-def truncate_log(path: str, iteration: int) -> int:
-    """Cuts a JSONL training log back to its records up to `iteration` (a resumed run writes
-    the later ones again; a torn last line of a killed run goes too). Returns the number of
-    records dropped."""
-    if not os.path.exists(path):
-        return 0
-    kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                keep = int(record["iteration"]) <= iteration
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    return dropped
-
-
 def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, out_dir: str,
           resume_state: Optional[dict] = None, progress: bool = True) -> Dict[str, float]:
     """Trains `model` (already on `device`, DDP-wrapped if distributed); returns the last losses.
@@ -163,6 +161,10 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                                 momentum=solver["momentum"], weight_decay=solver["weight_decay"])
     iters_per_epoch = max(1, math.ceil(len(sampler) / batch_size))
     total_iters, lr_factor = schedule(solver, iters_per_epoch)
+    steps = lr_steps(solver, iters_per_epoch)[1]
+    log.info("an epoch: %d images per rank, %d iterations; %d iterations in all, lr x0.1 from "
+             "iterations %s; snapshots: %s", len(sampler), iters_per_epoch, total_iters,
+             ", ".join(map(str, steps)), solver["snapshots"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     use_amp = bool(solver["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
@@ -193,30 +195,36 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 "rng": rng_state(), "config": cfg})
         dist_utils.barrier()
 
-    log_file = None
-    if dist_utils.is_main():
-        log_path = os.path.join(out_dir, LOG_NAME)
-        if resume_state is not None:
-            dropped = truncate_log(log_path, iteration)
-            if dropped:
-                log.info("%s: dropped %d records after iteration %d (they are trained again)",
-                         log_path, dropped, iteration)
-        log_file = open(log_path, "a" if resume_state is not None else "w")
-    bar = tqdm(total=stop_at, initial=iteration, disable=not (progress and dist_utils.is_main()),
-               desc="train", dynamic_ncols=True)
+    def snapshot(name: str, epochs_completed: int):
+        if dist_utils.is_main():
+            save_checkpoint(os.path.join(out_dir, SNAPSHOT_DIR, name), {
+                "model": _unwrap(model).state_dict(), "iteration": iteration,
+                "epochs_completed": epochs_completed, "config": cfg})
+            log.info("snapshot %s/%s at iteration %d", SNAPSHOT_DIR, name, iteration)
+        dist_utils.barrier()
+
+    show_bar = progress and dist_utils.is_main()
+    run_log = RunLog(out_dir, total_iters=stop_at, start_iteration=iteration,
+                     resumed=resume_state is not None, device=device,
+                     tensorboard=solver["tensorboard"], log_every=int(solver["log_every"]),
+                     lines=not show_bar, main=dist_utils.is_main())
+    bar = tqdm(total=stop_at, initial=iteration, disable=not show_bar, desc="train",
+               dynamic_ncols=True)
     last: Dict[str, float] = {}
     model.train()
     loader_generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    groups = aspect_ratio_groups(dataset) if cfg["data"]["aspect_ratio_grouping"] else None
     with _StopRequest() as stop:
         while iteration < stop_at and not stop.requested:
             sampler.set_epoch(epoch)
-            indices = list(sampler)
-            batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+            epoch_batches = make_batches(list(sampler), batch_size, groups)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=_Batches(batches[batch_in_epoch:]), collate_fn=collate_fn,
-                num_workers=int(cfg["data"]["num_workers"]), generator=loader_generator)
+                dataset, batch_sampler=_Batches(epoch_batches[batch_in_epoch:]),
+                collate_fn=collate_fn, num_workers=int(cfg["data"]["num_workers"]),
+                generator=loader_generator)
+            tick = time.perf_counter()
             for images, targets in loader:
-                start = time.perf_counter()
+                data_time = time.perf_counter() - tick
                 images = [image.to(device, non_blocking=True) for image in images]
                 targets = [_to_torchvision_target(t, device) for t in targets]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -225,6 +233,7 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at iteration {iteration}: "
                                              f"{ {k: float(v) for k, v in losses.items()} }")
+                lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if solver["clip_grad_norm"]:
@@ -235,28 +244,29 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 scheduler.step()
                 iteration += 1
                 batch_in_epoch += 1
-                last = {k: float(v.detach()) for k, v in losses.items()}
-                last["loss"] = float(loss.detach())
-                if log_file is not None:
-                    record = {"iteration": iteration, "epoch": epoch,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "time": time.perf_counter() - start, **last}
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                last = {"loss": float(loss.detach())}  # the float() waits for the step
+                last.update({k: float(v.detach()) for k, v in losses.items()})
+                record = run_log.record(iteration=iteration, epoch=epoch, lr=lr, losses=last,
+                                        iter_time=time.perf_counter() - tick,
+                                        data_time=data_time)
+                bar.set_postfix(run_log.bar_fields(record), refresh=False)
                 bar.update(1)
                 every = int(solver["checkpoint_every"] or 0)
                 if every and iteration % every == 0 and iteration < stop_at:
                     checkpoint()
+                ended = epoch + 1 if batch_in_epoch >= len(epoch_batches) else None
+                name = snapshot_name(iteration, ended, solver, steps, total_iters)
+                if name is not None:
+                    snapshot(name, epoch if ended is None else ended)
                 if iteration >= stop_at or stop.requested:
                     break
-            if batch_in_epoch >= len(batches):
+                tick = time.perf_counter()
+            if batch_in_epoch >= len(epoch_batches):
                 epoch += 1
                 batch_in_epoch = 0
         checkpoint()
     bar.close()
-    if log_file is not None:
-        log_file.close()
+    run_log.close()
     if stop.requested:
         raise KeyboardInterrupt(f"stopped at iteration {iteration}; resume with --resume")
     return last
@@ -268,10 +278,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _to_torchvision_target(target: dict, device: torch.device) -> dict:
     """Dataset targets (labels 0..C-1) -> torchvision's (1..C, 0 = background). `polygons`
-    stay on the CPU, where the polygon mask targets rasterise them."""
+    stay on the CPU, where the polygon mask targets rasterise them; `mask_crops` travel as
+    one buffer."""
     out = {"boxes": target["boxes"].to(device), "labels": (target["labels"] + 1).to(device)}
     if "masks" in target:
         out["masks"] = target["masks"].to(device)
+    if "mask_crops" in target:
+        out["mask_crops"] = target["mask_crops"].to(device)
     if "polygons" in target:
         out["polygons"] = target["polygons"]
     return out

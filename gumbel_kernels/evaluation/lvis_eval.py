@@ -15,30 +15,47 @@ all every defined AP is 0.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import numpy as np
 import torch
 
-__all__ = ["detections_to_lvis_results", "limit_dets_per_image", "evaluate_lvis",
-           "format_metrics_table"]
+from .rle import encode_binary_masks
+
+__all__ = ["detections_to_lvis_results", "image_results", "limit_dets_per_image",
+           "evaluate_lvis", "format_metrics_table"]
 
 logger = logging.getLogger(__name__)
 
 
-def _rle_encode(binary_masks: np.ndarray) -> List[dict]:
-    """(K, H, W) uint8 -> K compressed RLEs with str counts (json-serialisable)."""
-    from pycocotools import mask as mask_utils
+def image_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
+                  labels: torch.Tensor, cat_ids: Sequence[int],
+                  segmentations: Optional[Sequence[dict]] = None) -> List[dict]:
+    """One image's detections (in the order given) as LVIS results.
 
-    if len(binary_masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(binary_masks.transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+    boxes (K, 4) xyxy in original image pixels, scores (K,), labels (K,) contiguous class
+    indices (`cat_ids[label]` is the LVIS id), segmentations: K RLEs or None (boxes only)."""
+    boxes = boxes.detach().float().cpu()
+    labels = labels.detach().cpu().to(torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
+        raise ValueError(f"image {int(image_id)}: labels must be in [0, {len(cat_ids)}), got "
+                         f"{labels.min().item()}..{labels.max().item()}")
+    if segmentations is not None and len(segmentations) != len(labels):
+        raise ValueError(f"image {int(image_id)}: {len(segmentations)} masks for "
+                         f"{len(labels)} detections")
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    results = []
+    for k, (box, score, label) in enumerate(zip(xywh, scores.detach().float().cpu().tolist(),
+                                                labels.tolist())):
+        res = {"image_id": int(image_id), "category_id": cat_ids[label], "bbox": box,
+               "score": score}
+        if segmentations is not None:
+            res["segmentation"] = segmentations[k]
+        results.append(res)
+    return results
 
 
 def detections_to_lvis_results(outputs: Sequence[dict], image_ids: Sequence[int],
@@ -59,35 +76,29 @@ def detections_to_lvis_results(outputs: Sequence[dict], image_ids: Sequence[int]
             background).
 
     Returns dicts with image_id, category_id, bbox [x, y, w, h], score (and segmentation).
+    The evaluator (gumbel_kernels.engine.evaluator) encodes masks on the device instead.
     """
     if len(outputs) != len(image_ids):
         raise ValueError(f"{len(outputs)} outputs but {len(image_ids)} image_ids")
     cat_ids = list(cat_ids)
     results = []
     for out, image_id in zip(outputs, image_ids):
-        scores = out["scores"].detach().float().cpu()
-        order = torch.argsort(scores, descending=True, stable=True)[:max_dets_per_image]
-        scores = scores[order]
-        boxes = out["boxes"].detach().float().cpu()[order]
-        labels = out["labels"].detach().cpu()[order].to(torch.int64) - label_offset
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
-            raise ValueError(f"image {int(image_id)}: labels (offset {label_offset}) must be in "
-                             f"[0, {len(cat_ids)}), got {labels.min().item()}..{labels.max().item()}")
+        order = torch.argsort(out["scores"].detach().float(), descending=True,
+                              stable=True)[:max_dets_per_image]
         rles = None
         if with_masks:
             if "masks" not in out:
                 raise ValueError(f"image {int(image_id)}: with_masks=True but the output has no 'masks'")
-            masks = out["masks"].detach().cpu()[order]
+            masks = out["masks"].detach()[order]
             if masks.dim() == 4:
                 masks = masks[:, 0]
-            rles = _rle_encode((masks > mask_threshold).numpy().astype(np.uint8))
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for k, (box, score, label) in enumerate(zip(xywh, scores.tolist(), labels.tolist())):
-            res = {"image_id": int(image_id), "category_id": cat_ids[label], "bbox": box,
-                   "score": score}
-            if rles is not None:
-                res["segmentation"] = rles[k]
-            results.append(res)
+            rles = encode_binary_masks(masks > mask_threshold)
+        try:
+            results += image_results(image_id, out["boxes"][order], out["scores"][order],
+                                     out["labels"][order].to(torch.int64) - label_offset,
+                                     cat_ids, rles)
+        except ValueError as error:
+            raise ValueError(f"{error} (after label offset {label_offset})") from None
     return results
 
 
@@ -117,10 +128,25 @@ def _percent(value: float) -> float:
     return value if value < 0 else 100.0 * value
 
 
-def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str] = ("segm", "bbox"),
+def _read_results(results) -> List[dict]:
+    """Results as a list: the given one, or read from an LVIS results json file."""
+    if isinstance(results, (str, os.PathLike)):
+        with open(results) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, list):
+            raise ValueError(f"{os.fspath(results)}: an LVIS results file is a json list")
+        return loaded
+    return list(results)
+
+
+def evaluate_lvis(gt_ann_file, results, iou_types: Sequence[str] = ("segm", "bbox"),
                   max_dets: int = 300, *, image_ids: Optional[Iterable[int]] = None,
                   verbose: bool = False) -> Dict[str, float]:
     """LVIS AP of `results` against the LVIS json `gt_ann_file` (a path, or the loaded dict).
+
+    `results`: a list of result dicts, or the path of a results json. A path is read again for
+    each IoU type and nothing else is kept, which is what keeps rank 0's memory down at LVIS
+    scale (19,809 images x 300 detections).
 
     `image_ids` restricts the evaluation to those images (e.g. a quick look at part of val);
     by default every image of the file counts, detected or not. `verbose` prints the summaries.
@@ -139,15 +165,25 @@ def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str]
         raise ValueError(f"iou_types={iou_types!r} must be a non-empty subset of ('segm', 'bbox')")
     if not isinstance(gt_ann_file, dict):
         gt_ann_file = os.fspath(gt_ann_file)
-    results = limit_dets_per_image(results, max_dets)
     if image_ids is not None:
         image_ids = list(image_ids)
         if not image_ids:
             raise ValueError("image_ids is empty")
-    if "segm" in iou_types and any("segmentation" not in r for r in results):
-        raise ValueError("segm evaluation needs a 'segmentation' in every result "
-                         "(detections_to_lvis_results(..., with_masks=True)); "
-                         "evaluate box-only results with iou_types=('bbox',)")
+    source = results if isinstance(results, (str, os.PathLike)) else None
+    given = None if source is not None else limit_dets_per_image(list(results), max_dets)
+
+    def fresh_results() -> List[dict]:
+        # loadRes annotates the dicts it is given (id, area, rle): a fresh list each time.
+        out = limit_dets_per_image(_read_results(source), max_dets) if source is not None \
+            else [dict(r) for r in given]
+        if "segm" in iou_types and any("segmentation" not in r for r in out):
+            raise ValueError("segm evaluation needs a 'segmentation' in every result "
+                             "(detections_to_lvis_results(..., with_masks=True)); "
+                             "evaluate box-only results with iou_types=('bbox',)")
+        return out
+
+    if given is not None:
+        fresh_results()  # a bad results list fails before anything is evaluated
     say = print if verbose else (lambda *a, **k: None)
     quiet = say if verbose else logger.debug
     gt = COCO(gt_ann_file, print_function=quiet)
@@ -157,8 +193,7 @@ def evaluate_lvis(gt_ann_file, results: Sequence[dict], iou_types: Sequence[str]
 
     metrics: Dict[str, float] = {}
     for iou_type in iou_types:
-        # loadRes annotates the dicts it is given (id, area, rle): give it fresh copies.
-        dt = gt.loadRes([dict(r) for r in results])
+        dt = gt.loadRes(fresh_results())
         dt.print_function = quiet
         ev = COCOeval_faster(gt, dt, iouType=iou_type, lvis_style=True, print_function=say)
         ev.params.maxDets = [max_dets]
