@@ -56,29 +56,6 @@ GK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-GK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                            uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
-  }
-  return Philox4{{c0, c1, c2, c3}};
-}
-
 // The ten round keys of a key, computed once: on the GPU they then sit in uniform registers
 // where the rounds use them (rather than added again in every call).
 struct PhiloxRoundKeys {
@@ -88,6 +65,9 @@ struct PhiloxRoundKeys {
 
 GK_HD PhiloxRoundKeys philox_round_keys(const PhiloxKey& key) {
   PhiloxRoundKeys keys;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     keys.k0[round] = key.key0 + static_cast<uint32_t>(round) * 0x9E3779B9u;
     keys.k1[round] = key.key1 + static_cast<uint32_t>(round) * 0xBB67AE85u;
@@ -97,12 +77,10 @@ GK_HD PhiloxRoundKeys philox_round_keys(const PhiloxKey& key) {
   return keys;
 }
 
-// philox4x32_10 of the counter (group, offset) with precomputed round keys.
-GK_HD Philox4 philox_group(int64_t group, const PhiloxRoundKeys& keys) {
+// The ten rounds of Philox4x32-10 on a counter, with the key's round keys.
+GK_HD Philox4 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            const PhiloxRoundKeys& keys) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  const uint64_t g = static_cast<uint64_t>(group);
-  uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32);
-  uint32_t c2 = keys.offset0, c3 = keys.offset1;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -118,6 +96,18 @@ GK_HD Philox4 philox_group(int64_t group, const PhiloxRoundKeys& keys) {
     c3 = lo0;
   }
   return Philox4{{c0, c1, c2, c3}};
+}
+
+GK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+  return philox_rounds(c0, c1, c2, c3, philox_round_keys(PhiloxKey{k0, k1, 0, 0}));
+}
+
+// philox4x32_10 of the counter (group, offset) with precomputed round keys.
+GK_HD Philox4 philox_group(int64_t group, const PhiloxRoundKeys& keys) {
+  const uint64_t g = static_cast<uint64_t>(group);
+  return philox_rounds(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), keys.offset0,
+                       keys.offset1, keys);
 }
 
 // The Philox call that serves flat elements 4g .. 4g+3.

@@ -357,10 +357,13 @@ struct RowContext {
     }
   }
 
-  // The drop decision of element k of a group: its column's flag, and for a background row its
-  // Philox word against the threshold.
-  __device__ __forceinline__ bool dropped(const uint8_t* flag, uint32_t word) const {
-    return (drops_all || draws) && __ldg(flag) != 0 && (drops_all || word > threshold);
+  // The drop decision of the element at column col: its column's flag, and for a background
+  // row its Philox word against the threshold; a foreground row's positive is never dropped
+  // (kMaybePositive: the group may hold it).
+  template <bool kMaybePositive>
+  __device__ __forceinline__ bool dropped(int32_t col, uint32_t word) const {
+    return (drops_all || draws) && __ldg(a.drop_flags + col) != 0 &&
+           (drops_all || word > threshold) && !(kMaybePositive && col == positive_col);
   }
 
   // One element's weighted loss (returned) and gradient (*grad).
@@ -368,8 +371,7 @@ struct RowContext {
   __device__ __forceinline__ math_t weighted(scalar_t x, int32_t col, bool drop,
                                              math_t* grad) const {
     const bool positive = kMaybePositive && col == positive_col;
-    const bool dropped = drop && !positive;  // a drop class's positive is kept
-    return element<kClassWeight>(to_math(x), positive, dropped, dropped ? drop_loss : keep_loss,
+    return element<kClassWeight>(to_math(x), positive, drop, drop ? drop_loss : keep_loss,
                                  kClassWeight ? a.class_weight + col : nullptr, grad);
   }
 
@@ -385,7 +387,7 @@ struct RowContext {
       Philox4 bits{{0, 0, 0, 0}};
       if (draws) bits = philox_group(e0 >> 2, round_keys);
 #pragma unroll
-      for (int k = 0; k < kChunk; ++k) drop[k] = dropped(a.drop_flags + col + k, bits.w[k]);
+      for (int k = 0; k < kChunk; ++k) drop[k] = dropped<kMaybePositive>(col + k, bits.w[k]);
     }
     const Chunk<scalar_t> in = *reinterpret_cast<const Chunk<scalar_t>*>(a.logits + e0);
     Chunk<scalar_t> grad_out, loss_out;
@@ -420,7 +422,7 @@ struct RowContext {
           k == 0 ? bits.w[0] : k == 1 ? bits.w[1] : k == 2 ? bits.w[2] : bits.w[3];
       math_t d;
       const math_t l = weighted<kMaybePositive, kClassWeight>(
-          a.logits[e0 + k], col + k, dropped(a.drop_flags + col + k, word), &d);
+          a.logits[e0 + k], col + k, dropped<kMaybePositive>(col + k, word), &d);
       sum += l;
       if (store_loss) a.loss_none[e0 + k] = from_math<scalar_t>(l);
       if (store_grad) a.grad[e0 + k] = from_math<scalar_t>(d);
