@@ -56,30 +56,44 @@ GK_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// The ten round keys of a key, computed once: on the GPU they then sit in uniform registers
-// where the rounds use them (rather than added again in every call).
+// Round r's key words are (key0 + r W0, key1 + r W1). PhiloxKeySchedule adds them up in each
+// round (two live words: where a kernel draws per element, as the class-stats kernel);
+// PhiloxRoundKeys holds all ten, computed once (the fused kernels: on the GPU they then sit in
+// uniform registers or the parameter bank where the rounds use them).
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+struct PhiloxKeySchedule {
+  uint32_t key0, key1;
+  GK_HD uint32_t k0(int round) const { return key0 + static_cast<uint32_t>(round) * kPhiloxW0; }
+  GK_HD uint32_t k1(int round) const { return key1 + static_cast<uint32_t>(round) * kPhiloxW1; }
+};
+
 struct PhiloxRoundKeys {
-  uint32_t k0[10], k1[10];
+  uint32_t round0[10], round1[10];
   uint32_t offset0, offset1;
+  GK_HD uint32_t k0(int round) const { return round0[round]; }
+  GK_HD uint32_t k1(int round) const { return round1[round]; }
 };
 
 GK_HD PhiloxRoundKeys philox_round_keys(const PhiloxKey& key) {
+  const PhiloxKeySchedule schedule{key.key0, key.key1};
   PhiloxRoundKeys keys;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    keys.k0[round] = key.key0 + static_cast<uint32_t>(round) * 0x9E3779B9u;
-    keys.k1[round] = key.key1 + static_cast<uint32_t>(round) * 0xBB67AE85u;
+    keys.round0[round] = schedule.k0(round);
+    keys.round1[round] = schedule.k1(round);
   }
   keys.offset0 = key.offset0;
   keys.offset1 = key.offset1;
   return keys;
 }
 
-// The ten rounds of Philox4x32-10 on a counter, with the key's round keys.
+// The ten rounds of Philox4x32-10 on a counter, with a key's round keys (either kind above).
+template <class Keys>
 GK_HD Philox4 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                            const PhiloxRoundKeys& keys) {
+                            const Keys& keys) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -88,8 +102,8 @@ GK_HD Philox4 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
     uint32_t hi0, hi1;
     const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
     const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ keys.k0[round];
-    const uint32_t n2 = hi0 ^ c3 ^ keys.k1[round];
+    const uint32_t n0 = hi1 ^ c1 ^ keys.k0(round);
+    const uint32_t n2 = hi0 ^ c3 ^ keys.k1(round);
     c0 = n0;
     c1 = lo1;
     c2 = n2;
@@ -100,7 +114,7 @@ GK_HD Philox4 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
 
 GK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                             uint32_t k1) {
-  return philox_rounds(c0, c1, c2, c3, philox_round_keys(PhiloxKey{k0, k1, 0, 0}));
+  return philox_rounds(c0, c1, c2, c3, PhiloxKeySchedule{k0, k1});
 }
 
 // philox4x32_10 of the counter (group, offset) with precomputed round keys.

@@ -18,8 +18,9 @@ VARIANTS = list(aot.variants())
 
 def test_gol_usual_launch_is_register_capped():
     capped = [v.label for v in VARIANTS if "maxnreg" in v.options]
-    assert capped and all(label.startswith("float32 gumbel bounded") and "wide" in label
-                          and "tail" not in label for label in capped)
+    assert capped and all("gumbel bounded" in label and "wide" in label and "tail" not in label
+                          and not label.startswith("float64") for label in capped)
+    assert any(label.startswith("float32 gumbel bounded wide") for label in capped)
 
 
 def test_the_variant_list_covers_the_launcher():
@@ -36,11 +37,12 @@ def test_variant_compiles_for_sm90(variant):
     compiled = aot.compile_variant(variant)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
     # Under its register cap (GOL's usual launch) the fused kernel does not spill and keeps
-    # the 75% occupancy the cap is for.
+    # the occupancy the cap is for (gol_loss.register_cap).
     if "maxnreg" in variant.options:
         instructions, use = sass_report._cubin_sass(compiled.asm["cubin"])
         assert "STL" not in sass_report.memory_widths(instructions) and use["local"] == 0
-        assert use["registers"] <= variant.options["maxnreg"]
+        cap = variant.options["maxnreg"]
+        assert use["registers"] <= cap
         threads = 32 * variant.num_warps
         assert sass_report.occupancy(use["registers"], threads,
-                                     compiled.metadata.shared) >= 0.75
+                                     compiled.metadata.shared) >= {40: 0.75, 48: 0.625}[cap]

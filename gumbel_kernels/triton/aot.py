@@ -53,7 +53,8 @@ def _loss_kernel_variants() -> Iterator[Variant]:
         math = "fp64" if float64 else "fp32"
         tile = kernels.MAX_TILE if wide else kernels.NARROW_TILE
         signature = (
-            ("logits_ptr", f"*{element}"), ("labels_ptr", "*i64"), ("drop_ptr", "*u8"),
+            ("logits_ptr", f"*{element}"), ("codes_ptr", "*i32"), ("drop_ptr", "*u8"),
+            ("thresholds_ptr", "*i32"),
             ("class_weight_ptr", f"*{math}"), ("row_weight_ptr", f"*{math}"),
             ("counts_ptr", "*i64"), ("ratio_ptr", "*fp32"), ("seed_ptr", "*i64"),
             ("grad_ptr", f"*{element}"), ("loss_ptr", f"*{element}"), ("partials_ptr", "*fp64"),
@@ -69,7 +70,8 @@ def _loss_kernel_variants() -> Iterator[Variant]:
                  f"{' exact' if exact else ''} {'wide' if wide else 'narrow'}"
                  f"{'' if full else ' tail'} total:{total}")
         yield Variant("_gol_loss_kernel", signature, constants, kernels._num_warps(tile), label,
-                      kernels.register_cap(full, getattr(torch, dtype), bounded, wide))
+                      kernels.register_cap(full, getattr(torch, dtype), bounded, wide,
+                                           total == "i64"))
 
 
 # The runtime switches of the fused kernel on GOL's common path (DropLoss, no class or row
@@ -101,7 +103,8 @@ def variants() -> Iterator[Variant]:
     for has_drop in (False, True):
         yield Variant("_row_statistics_kernel",
                       (("labels_ptr", "*i64"), ("drop_ptr", "*u8"), ("counts_ptr", "*i64"),
-                       ("ratio_ptr", "*fp32"), ("num_rows", "i32"), ("num_classes", "i32"),
+                       ("ratio_ptr", "*fp32"), ("codes_ptr", "*i32"), ("thresholds_ptr", "*i32"),
+                       ("num_rows", "i32"), ("num_classes", "i32"),
                        ("ignore_index", "i32")),
                       (("HAS_DROP", has_drop), ("BLOCK", kernels.STATS_BLOCK)),
                       label=f"has_drop={has_drop}")

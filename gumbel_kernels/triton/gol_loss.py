@@ -303,9 +303,13 @@ def _philox_words(keys, first_group, offset_lo, offset_hi, GROUPS: tl.constexpr)
     (lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)) and the seed's round keys
     (SPEC.md section 4; the rounds of tl.philox, Random123's). Each group's call is made on a
     [GROUPS, 1] column, which broadcasts along the four elements its thread holds."""
-    group = first_group + tl.arange(0, GROUPS).to(tl.int64)[:, None]
-    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (group >> 32).to(tl.uint32)
+    group = first_group + tl.arange(0, GROUPS).to(first_group.dtype)[:, None]
+    if first_group.dtype == tl.int64:
+        c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (group >> 32).to(tl.uint32)
+    else:  # 32-bit flat indices (N * C < 2^31): the counter's high word is 0
+        c0 = group.to(tl.uint32)
+        c1 = tl.zeros_like(c0)
     c2 = tl.zeros_like(c0) + offset_lo.to(tl.uint32)
     c3 = tl.zeros_like(c0) + offset_hi.to(tl.uint32)
     for r in tl.static_range(10):
@@ -355,10 +359,15 @@ def _float64_from_bits(bits):
 # Kernels.
 
 @triton.jit
-def _row_statistics_kernel(labels_ptr, drop_ptr, counts_ptr, ratio_ptr, num_rows, num_classes,
-                           ignore_index, HAS_DROP: tl.constexpr, BLOCK: tl.constexpr):
+def _row_statistics_kernel(labels_ptr, drop_ptr, counts_ptr, ratio_ptr, codes_ptr,
+                           thresholds_ptr, num_rows, num_classes, ignore_index,
+                           HAS_DROP: tl.constexpr, BLOCK: tl.constexpr):
     # counts = [#non-ignored rows, #foreground rows, #foreground rows of a drop class, the
-    # index of the first label outside [0, C] (NO_BAD_LABEL if none)].
+    # index of the first label outside [0, C] (NO_BAD_LABEL if none)]; codes = each row's
+    # _row_code, and one more, an ignored row's, at index N (the fused kernel then reads the
+    # row after the last one unmasked); thresholds (with drop classes) = each column's drop
+    # threshold on the Philox word, twice over (2C entries, as the fused kernel's tables): the
+    # ratio's _threshold_bits for a drop class, 0xFFFFFFFF (never exceeded) for the others.
     num_valid = tl.zeros([BLOCK], dtype=tl.int32)
     num_foreground = tl.zeros([BLOCK], dtype=tl.int32)
     num_foreground_drop = tl.zeros([BLOCK], dtype=tl.int32)
@@ -367,6 +376,7 @@ def _row_statistics_kernel(labels_ptr, drop_ptr, counts_ptr, ratio_ptr, num_rows
         rows = start + tl.arange(0, BLOCK).to(tl.int64)
         in_range = rows < num_rows
         label = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index)
+        tl.store(codes_ptr + rows, _row_code(label, num_classes, ignore_index), mask=in_range)
         valid = in_range & (label != ignore_index)
         foreground = valid & (label >= 0) & (label < num_classes)
         bad = valid & ((label < 0) | (label > num_classes))
@@ -384,10 +394,22 @@ def _row_statistics_kernel(labels_ptr, drop_ptr, counts_ptr, ratio_ptr, num_rows
     tl.store(counts_ptr + 1, fg_rows.to(tl.int64))
     tl.store(counts_ptr + 2, fg_drop_rows.to(tl.int64))
     tl.store(counts_ptr + 3, tl.min(first_bad, axis=0))
+    tl.store(codes_ptr + num_rows, -2)
     # float32(fg_drop) / float32(fg), correctly rounded. With no foreground row GOL's ratio is
     # NaN and drops nothing; 1.0 does the same (u < 1) without a NaN.
     ratio = tl.math.div_rn(fg_drop_rows.to(tl.float32), tl.maximum(fg_rows, 1).to(tl.float32))
-    tl.store(ratio_ptr, tl.where(fg_rows > 0, ratio, 1.0))
+    ratio = tl.where(fg_rows > 0, ratio, 1.0)
+    tl.store(ratio_ptr, ratio)
+    if HAS_DROP:
+        threshold = _threshold_bits(ratio)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            in_range = cols < num_classes
+            is_drop = tl.load(drop_ptr + cols, mask=in_range, other=0) != 0
+            value = tl.where(is_drop, threshold, 0xFFFFFFFF).to(tl.uint32)
+            value = value.to(tl.int32, bitcast=True)
+            tl.store(thresholds_ptr + cols, value, mask=in_range)
+            tl.store(thresholds_ptr + num_classes + cols, value, mask=in_range)
 
 
 # The switches that change only which loads, stores and drops run are runtime arguments (a
@@ -402,7 +424,8 @@ _RUNTIME_SWITCHES = ["drop_mode", "has_class_weight", "has_row_weight", "need_gr
                                "total", "num_rows", "num_classes", "ignore_index",
                                "offset_lo", "offset_hi", "lo_bits", "hi_bits", "inv_c_bits",
                                *_RUNTIME_SWITCHES])
-def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr,
+def _gol_loss_kernel(logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr,
+                     row_weight_ptr,
                      counts_ptr, ratio_ptr, seed_ptr, grad_ptr, loss_ptr, partials_ptr,
                      first_tile, end_tile, tiles_per_program, first_partial, total, num_rows,
                      num_classes, ignore_index, offset_lo,
@@ -418,8 +441,9 @@ def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_wei
     # drop_mode: 0 no drop, 1 eql (foreground rows), 2 droploss (and background rows).
     # WIDE_ROWS: TILE <= C, so a tile spans at most two rows. FULL: every element of the tile
     # exists (all tiles but a partial last one, which a second launch of one program does).
-    # COMMON_PATH_ONLY (bench/sass_report.py only, never launched): the tile is taken to hold
-    # background rows alone, with drops, so that the SASS is exactly that path's, to count.
+    # COMMON_PATH_ONLY (bench/sass_report.py only, never launched): tiles that are not all
+    # background rows do nothing, so that the SASS is the common path's (and the test that
+    # selects it), to count.
     TILE: tl.constexpr = 4 * GROUPS
     math_dtype = tl.float64 if FLOAT64 else tl.float32
     lo = _float64_from_bits(lo_bits).to(math_dtype)
@@ -435,9 +459,10 @@ def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_wei
 
     tile = first_tile + tl.program_id(0) * tiles_per_program
     last = tl.minimum(tile + tiles_per_program, end_tile)
-    # int64 flat indices: N * C may exceed 2^31; the columns fit 32 bits. The first tile's row
-    # and column by a division, the next ones' by stepping (TILE <= C: at most one row wrap).
-    start = tile.to(tl.int64) * TILE
+    # Flat indices in total's type: int32 below 2^31 elements (cheaper addresses and Philox
+    # counters), int64 above; the columns fit 32 bits. The first tile's row and column by a
+    # division, the next ones' by stepping (TILE <= C: at most one row wrap).
+    start = tile.to(total.dtype) * TILE
     first_row, first_col = _row_and_column(start, num_classes, inv_c)
     # One running sum per group, each tile's four losses added first (within the thread that
     # holds the group): a fixed order, and one register per group where four would spill.
@@ -446,7 +471,8 @@ def _gol_loss_kernel(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_wei
         if not WIDE_ROWS:
             first_row, first_col = _row_and_column(start, num_classes, inv_c)
         total_loss += tl.sum(_tile(
-            logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, round_keys,
+            logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr, row_weight_ptr,
+            round_keys,
             grad_ptr, loss_ptr, start, first_row, first_col, total, num_rows, num_classes,
             ignore_index, offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold,
             drop_mode, has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL, BOUNDED,
@@ -474,7 +500,8 @@ def _row_and_column(start, num_classes, inv_c):
 
 
 @triton.jit
-def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, round_keys,
+def _tile(logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr, row_weight_ptr,
+          round_keys,
           grad_ptr,
           loss_ptr, start, first_row, first_col, total, num_rows, num_classes, ignore_index,
           offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold, drop_mode,
@@ -498,17 +525,15 @@ def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, ro
     q = tl.load(logits_ptr + flat, mask=in_range, other=0.0).to(math_dtype)
     poison = q - q  # NaN for a NaN/Inf logit, which the clamp would otherwise hide
     if WIDE_ROWS:
-        has_second = first_row + 1 < num_rows
-        code_a = _row_code(tl.load(labels_ptr + first_row), num_classes, ignore_index)
-        code_b = _row_code(tl.load(labels_ptr + first_row + 1, mask=has_second,
-                                   other=ignore_index), num_classes, ignore_index)
+        # The row codes of the tile's two rows (past the last row: the ignored code at N).
+        code_a = tl.load(codes_ptr + first_row)
+        code_b = tl.load(codes_ptr + first_row + 1)
+        has_second = first_row + 1 < num_rows  # (for the row weights)
         in_first_row = first_col + TILE <= num_classes
         # GOL's usual tile: every element in background rows (three in four rows are).
         uniform_background = FULL & (code_a == -1) & ((code_b == -1) | in_first_row)
     else:
         uniform_background: tl.constexpr = False  # constexpr: the branch below is not compiled
-    if COMMON_PATH_ONLY:
-        uniform_background: tl.constexpr = True
 
     if uniform_background:
         # No per-element row logic: no positives, nothing ignored, every drop class's negative
@@ -517,9 +542,10 @@ def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, ro
         if has_class_weight != 0:
             w = tl.load(class_weight_ptr + col_ext).to(math_dtype)
         if draws:
-            is_drop = tl.load(drop_ptr + col_ext) != 0
+            # One compare per element: the column's threshold is 0xFFFFFFFF unless it drops.
+            column_threshold = tl.load(thresholds_ptr + col_ext).to(tl.uint32, bitcast=True)
             bits = _philox_words(round_keys, start >> 2, offset_lo, offset_hi, GROUPS)
-            w = tl.where(is_drop & (bits > threshold), w * 0.0, w)
+            w = tl.where(bits > column_threshold, w * 0.0, w)
         if has_row_weight != 0:
             second = col_ext >= num_classes
             weight_a = tl.load(row_weight_ptr + first_row)
@@ -529,6 +555,11 @@ def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, ro
                                     False)
         weighted_loss = w * loss + poison
         weighted_grad = (w * grad_scale) * grad + poison
+    elif COMMON_PATH_ONLY:
+        # bench/sass_report.py: the other tiles' work left out; the test that picks the path,
+        # which every tile pays, kept.
+        weighted_loss = tl.zeros([GROUPS, 4], dtype=math_dtype)
+        weighted_grad = weighted_loss
     else:
         # Each element's row kind: from the tile's two rows' codes (_row_code), selected per
         # element by one predicate, or, below MAX_TILE columns, from its own row's label. (row_w
@@ -552,9 +583,7 @@ def _tile(logits_ptr, labels_ptr, drop_ptr, class_weight_ptr, row_weight_ptr, ro
             row_step = col_ext // num_classes
             col = col_ext - row_step * num_classes
             row = first_row + row_step.to(tl.int64)
-            code = _row_code(tl.load(labels_ptr + row, mask=in_range, other=ignore_index),
-                             num_classes, ignore_index)
-            code = tl.where(in_range, code, -2)
+            code = tl.load(codes_ptr + row, mask=in_range, other=-2)
             if has_row_weight != 0:
                 row_w = tl.load(row_weight_ptr + row, mask=in_range, other=0.0).to(math_dtype)
             col_ext = col  # (the tables' first copy)
@@ -646,18 +675,25 @@ def _num_warps(block: int) -> int:
     return max(1, block // 128)  # four elements, one Philox group, per thread
 
 
-# GOL's usual launch (float32 logits, the bounded math, C >= MAX_TILE as LVIS's and V3Det's,
-# whole tiles: nearly all the work) is compiled for at most this many registers per thread: 6
-# programs of 8 warps per SM on sm_80/sm_90, 75% occupancy, which it fits without spilling
-# (tests/test_triton_aot.py checks). The other variants would spill under it (the series and
-# sigmoid math, the 16-bit conversions, narrow rows' per-element division) and run uncapped.
+# GOL's usual launch (the bounded math, C >= MAX_TILE as LVIS's and V3Det's, whole tiles:
+# nearly all the work) is compiled for at most REGISTER_CAP registers per thread: 6 programs of
+# 8 warps per SM on sm_80/sm_90, 75% occupancy, which it fits without spilling
+# (tests/test_triton_aot.py checks every capped variant); bfloat16 past 2^31 elements (64-bit
+# indices) needs 48 (5 programs, 62.5%). The other variants would spill under a cap (the series
+# and sigmoid math, float64, narrow rows' per-element division) and run uncapped, as does the
+# one-program tail launch.
 REGISTER_CAP = 40
+REGISTER_CAP_BF16_INT64 = 48
 
 
-def register_cap(full: bool, dtype: torch.dtype, bounded: bool, wide: bool) -> dict:
+def register_cap(full: bool, dtype: torch.dtype, bounded: bool, wide: bool,
+                 int64_indices: bool) -> dict:
     """The launch options that cap the registers of a _gol_loss_kernel launch (maxnreg)."""
-    capped = full and wide and bounded and dtype == torch.float32
-    return {"maxnreg": REGISTER_CAP} if capped else {}
+    if not (full and wide and bounded and dtype != torch.float64):
+        return {}
+    if dtype == torch.bfloat16 and int64_indices:
+        return {"maxnreg": REGISTER_CAP_BF16_INT64}
+    return {"maxnreg": REGISTER_CAP}
 
 
 def tile_size(num_classes: int) -> Tuple[int, bool]:
@@ -739,11 +775,14 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
             else torch.empty(1, dtype=torch.uint8, device=device))
     # The fused kernel reads columns first_col + k across a row boundary: tables of 2C columns.
     drop_twice = drop.repeat(2) if drop_classes is not None else drop
+    thresholds_twice = torch.empty(2 * num_classes if drop_classes is not None else 1,
+                                   dtype=torch.int32, device=device)
     class_weight_twice = class_weight.repeat(2) if class_weight is not None else weight_dummy
     ratio = torch.empty((), dtype=torch.float32, device=device)
     with _device_guard(logits):
+        codes = torch.empty(n + 1, dtype=torch.int32, device=device)
         torch.library.wrap_triton(_row_statistics_kernel)[(1,)](
-            labels, drop, counts, ratio, n, num_classes, ignore_index,
+            labels, drop, counts, ratio, codes, thresholds_twice, n, num_classes, ignore_index,
             HAS_DROP=drop_classes is not None, BLOCK=STATS_BLOCK, num_warps=4)
         tile, wide = tile_size(num_classes)
         full_tiles, tail = divmod(total, tile)
@@ -756,7 +795,7 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
         partials = torch.empty(num_partials, dtype=torch.float64, device=device)
         offset &= _MASK64
         arguments = (
-            logits, labels, drop_twice, class_weight_twice,
+            logits, codes, drop_twice, thresholds_twice, class_weight_twice,
             row_weight if row_weight is not None else weight_dummy,
             counts, ratio, seed.to(device=device, dtype=torch.int64),
             grad if need_grad else logits, loss if reduction == "none" else logits, partials)
@@ -772,7 +811,8 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
             torch.library.wrap_triton(_gol_loss_kernel)[(programs,)](
                 *arguments, 0, full_tiles, tiles_per_program, 0, *scalars, FULL=True,
                 **constants,
-                **register_cap(True, logits.dtype, constants["BOUNDED"], constants["WIDE_ROWS"]))
+                **register_cap(True, logits.dtype, constants["BOUNDED"], constants["WIDE_ROWS"],
+                               total >= 2 ** 31))
         if tail:
             torch.library.wrap_triton(_gol_loss_kernel)[(1,)](
                 *arguments, full_tiles, full_tiles + 1, 1, programs, *scalars, FULL=False,
