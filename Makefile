@@ -49,11 +49,14 @@ endif
 
 # It compiles the CUDA kernels for sm_90 alone (it checks that CMake builds and loads the same
 # csrc/, and builds the emulator's sanitizer libraries; the setup.py extension carries every
-# arch): CMAKE_CUDA_ARCHS=... for others, CMakeLists.txt's default when run by hand.
-CMAKE_CUDA_ARCHS ?= 90
+# arch): CMAKE_CUDA_ARCHS="8.0;9.0" for others, CMakeLists.txt's default when run by hand. The
+# list goes to torch's CMake config as TORCH_CUDA_ARCH_LIST: it replaces CMAKE_CUDA_ARCHITECTURES
+# with its own gencode flags.
+CMAKE_CUDA_ARCHS ?= 9.0
 cmake-build: $(VENV)/.stamp-build
-	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-		$(CMAKE_CUDA_ARGS) -DCMAKE_CUDA_ARCHITECTURES="$(CMAKE_CUDA_ARCHS)" $(CMAKE_ARGS)
+	TORCH_CUDA_ARCH_LIST="$(CMAKE_CUDA_ARCHS)" cmake -S . -B build/cmake \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		$(CMAKE_CUDA_ARGS) $(CMAKE_ARGS)
 	cmake --build build/cmake -j 2
 
 demo: build

@@ -157,14 +157,8 @@ def memory_widths(instructions: Sequence[Instruction]) -> Dict[str, int]:
 def innermost_loop(instructions: Sequence[Instruction], marker: str) -> Tuple[int, int]:
     """(first, last) indices of the innermost loop (a backward branch's span) that contains an
     instruction whose text contains `marker`."""
-    index = {ins.address: i for i, ins in enumerate(instructions)}
     marks = [i for i, ins in enumerate(instructions) if marker in ins.text]
-    loops = []
-    for i, ins in enumerate(instructions):
-        target = ins.branch_target()
-        if target is not None and target <= ins.address and target in index:
-            loops.append((index[target], i))
-    inside = [(a, b) for a, b in loops if any(a <= m <= b for m in marks)]
+    inside = [(a, b) for a, b in _loops(instructions) if any(a <= m <= b for m in marks)]
     if not inside:
         raise ValueError(f"no loop around {marker!r}")
     return min(inside, key=lambda span: span[1] - span[0])
@@ -279,6 +273,7 @@ def cuda_common_path(nvcc: str) -> List[Row]:
 
 
 def _loops(instructions):
+    """(first, last) indices of each loop: a backward branch and its target."""
     index = {ins.address: i for i, ins in enumerate(instructions)}
     for i, ins in enumerate(instructions):
         target = ins.branch_target()

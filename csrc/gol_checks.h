@@ -79,10 +79,12 @@ inline GolInputs prepare_gol_inputs(
   const int64_t c = logits.size(1);
   TORCH_CHECK_VALUE(c >= 1, "gol_loss: logits must have at least one class column, got shape ",
                     shape_of(logits));
-  // The kernels index rows and columns in 32 bits (the flat index N * C in 64).
-  constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
+  // The kernels index rows and columns in 32 bits (the flat index N * C in 64), and their
+  // grid-stride loops step by up to 2^13 rows or 2^7 columns past the last one: 2^16 of
+  // headroom keeps every such step inside int32.
+  constexpr int64_t kMaxExtent = (int64_t(1) << 31) - (int64_t(1) << 16);
   TORCH_CHECK_VALUE(n <= kMaxExtent && c <= kMaxExtent, "gol_loss: logits of shape ",
-                    shape_of(logits), " have more than 2^31 - 1 rows or columns");
+                    shape_of(logits), " have more than 2^31 - 2^16 rows or columns");
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n,
                     "gol_loss: labels must have shape (N,) = (", n, ",) to match logits ",
                     shape_of(logits), ", got ", shape_of(labels));

@@ -71,6 +71,38 @@ def scalar_loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def refuse_double_backward(name: str) -> None:
+    """The saved gradient is a constant of the graph: a backward with create_graph=True would
+    return a first derivative whose own derivative is silently zero. (Compiled backward graphs
+    are traced with grad enabled; they are not double backward.)"""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported: the "
+                           "fused pass saves the gradient, not a differentiable graph of it")
+
+
+# The autograd of the fused ops gumbel::gol_loss (loss, grad), gol_loss_class_stats (loss, grad,
+# pos_sums, neg_sums) and gumbel_triton::gol_loss (loss, grad, counts): 15 inputs each, only the
+# loss differentiated, through the saved gradient.
+def gol_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def gol_loss_backward(op_name: str):
+    """The backward of the fused op `op_name` (its name in the errors)."""
+
+    def backward(ctx, grad_loss, *_unused_grads_of_other_outputs):
+        (grad,) = ctx.saved_tensors
+        if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
+            raise RuntimeError(f"{op_name} was called with need_grad=False, so it saved no "
+                               "gradient; call it with need_grad=True to differentiate it")
+        refuse_double_backward(op_name)
+        # Out of place: a graph run twice (retain_graph) must see the unscaled gradient again.
+        return (grad * grad_loss).to(grad.dtype), *([None] * 14)
+
+    return backward
+
+
 def register_python_parts(namespace: str) -> None:
     """Fake kernels and autograd formulas of the four ops of `namespace` (the schemas of
     csrc/gol_schemas.h): "gumbel", and "gumbel_emulated" for the CUDA emulator's library."""
@@ -92,24 +124,9 @@ def register_python_parts(namespace: str) -> None:
             grad = logits.new_empty((0,))
         return loss, grad
 
-    # Shared by gol_loss (loss, grad) and gol_loss_class_stats (loss, grad, pos_sums, neg_sums):
-    # both take 15 inputs and differentiate only the loss, through the saved gradient.
-    def _gol_loss_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(*output[1:])
-
-    def _gol_loss_backward(ctx, grad_loss, *_unused_grads_of_other_outputs):
-        (grad,) = ctx.saved_tensors
-        if grad.dim() != 2:  # need_grad=False saved an empty (0,) tensor
-            raise RuntimeError(f"{namespace}::gol_loss was called with need_grad=False, so it "
-                               "saved no gradient; call it with need_grad=True to differentiate it")
-        from .functional import refuse_double_backward
-        refuse_double_backward(f"{namespace}::gol_loss")
-        # Out of place: a graph run twice (retain_graph) must see the unscaled gradient again.
-        return (grad * grad_loss).to(grad.dtype), *([None] * 14)
-
+    _gol_loss_backward = gol_loss_backward(f"{namespace}::gol_loss")
     torch.library.register_autograd(f"{namespace}::gol_loss", _gol_loss_backward,
-                                    setup_context=_gol_loss_setup_context)
+                                    setup_context=gol_loss_setup_context)
 
     @torch.library.register_fake(f"{namespace}::gol_loss_class_stats")
     def _gol_loss_class_stats_fake(logits, labels, drop_classes, class_weight, pos_weight,
@@ -124,7 +141,7 @@ def register_python_parts(namespace: str) -> None:
         return loss, grad, *stats
 
     torch.library.register_autograd(f"{namespace}::gol_loss_class_stats", _gol_loss_backward,
-                                    setup_context=_gol_loss_setup_context)
+                                    setup_context=gol_loss_setup_context)
 
     @torch.library.register_fake(f"{namespace}::gumbel_activation")
     def _gumbel_activation_fake(logits):

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from . import _ops, backends, reference
+from ._ops import refuse_double_backward  # (shared with the ops' autograd; public here too)
 
 MODES = ("bce", "eql", "droploss")
 ACTIVATIONS = ("gumbel", "sigmoid")
@@ -163,15 +164,6 @@ def _prepare_python_backend_inputs(logits, labels, class_weight, row_weight):
     class_weight = None if class_weight is None else class_weight.to(math_dtype).contiguous()
     row_weight = None if row_weight is None else row_weight.to(math_dtype).contiguous()
     return logits.contiguous(), labels, class_weight, row_weight
-
-
-def refuse_double_backward(name: str) -> None:
-    """The saved gradient is a constant of the graph: a backward with create_graph=True would
-    return a first derivative whose own derivative is silently zero. (Compiled backward graphs
-    are traced with grad enabled; they are not double backward.)"""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported: the "
-                           "fused pass saves the gradient, not a differentiable graph of it")
 
 
 class _GOLLossFunction(torch.autograd.Function):

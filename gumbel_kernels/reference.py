@@ -87,17 +87,16 @@ def philox_uniform(num_rows: int, num_cols: int, seed, offset: int,
 
 
 def count_rows(labels: torch.Tensor, num_classes: int, ignore_index: int,
-               drop_classes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(#non-ignored rows, #foreground rows, #foreground rows whose class is a drop class); rows
-    with a bad label are not counted."""
-    valid = (labels != ignore_index) & ~bad_labels(labels, num_classes, ignore_index)
-    foreground = valid & (labels >= 0) & (labels < num_classes)
+               drop_classes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(#foreground rows, #foreground rows whose class is a drop class), the DropLoss ratio's
+    counts; a bad label (outside [0, C]) is no foreground row."""
+    foreground = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
     if drop_classes is None:
         fg_drop = torch.zeros((), dtype=torch.int64, device=labels.device)
     else:
         safe = torch.where(foreground, labels, torch.zeros_like(labels))
         fg_drop = (foreground & drop_classes[safe]).sum()
-    return valid.sum(), foreground.sum(), fg_drop
+    return foreground.sum(), fg_drop
 
 
 def drop_ratio(fg_rows: torch.Tensor, fg_drop_rows: torch.Tensor) -> torch.Tensor:
@@ -117,10 +116,16 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> N
     """Raise ValueError naming the first label outside [0, C] that is not ignore_index."""
     bad = bad_labels(labels, num_classes, ignore_index)
     if bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels[{index}] = {int(labels[index])} is out of range: expected a class in "
-            f"[0, {num_classes - 1}], {num_classes} for background, or ignore_index={ignore_index}")
+        raise bad_label_error(labels, int(bad.nonzero()[0, 0]), num_classes, ignore_index)
+
+
+def bad_label_error(labels: torch.Tensor, index: int, num_classes: int, ignore_index: int,
+                    prefix: str = "") -> ValueError:
+    """The ValueError naming the bad label labels[index]: one message for check_labels and for
+    the Triton backend's device-side check."""
+    return ValueError(
+        f"{prefix}labels[{index}] = {int(labels[index])} is out of range: expected a class in "
+        f"[0, {num_classes - 1}], {num_classes} for background, or ignore_index={ignore_index}")
 
 
 def element_loss_and_grad(q: torch.Tensor, y: torch.Tensor, activation: str,
@@ -184,7 +189,7 @@ def element_weights(labels: torch.Tensor, y: torch.Tensor, drop_classes: Optiona
         fg_w = 1.0 - is_drop.to(dtype)[None, :] * (1.0 - y)
         w = torch.where(foreground[:, None], fg_w, w)
         if mode == "droploss":
-            _, fg_rows, fg_drop_rows = count_rows(labels, num_classes, ignore_index, is_drop)
+            fg_rows, fg_drop_rows = count_rows(labels, num_classes, ignore_index, is_drop)
             ratio = drop_ratio(fg_rows, fg_drop_rows)
             u = philox_uniform(n, num_classes, seed, offset, device)
             dropped = is_drop[None, :] & (u > ratio)
@@ -216,7 +221,8 @@ def _weighted_terms(logits, labels, drop_classes, class_weight, row_weight, seed
     """(w * loss, w * d loss / d q, y, valid) in the math dtype, zero on ignored rows: the
     per-element terms of the summed loss."""
     num_classes = logits.shape[1]
-    if not torch.compiler.is_compiling():  # compiled: a bad label's row is NaN, as on CUDA
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # compiled: a bad label's row is NaN, as on CUDA
         check_labels(labels, num_classes, ignore_index)
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     q = logits.to(math_dtype)
@@ -224,11 +230,14 @@ def _weighted_terms(logits, labels, drop_classes, class_weight, row_weight, seed
     loss, grad = element_loss_and_grad(q, y, activation, clamp_min, clamp_max, grad_mode)
     w, valid = element_weights(labels, y, drop_classes, class_weight, row_weight, mode,
                                ignore_index, seed, offset, pos_weight)
-    bad = bad_labels(labels, num_classes, ignore_index)[:, None]
     rows = valid[:, None]
     zero = torch.zeros((), dtype=math_dtype, device=logits.device)
+    terms = [torch.where(rows, w * value, zero) for value in (loss, grad)]
+    if not compiling:  # check_labels passed: no bad row, no N x C NaN passes to pay for
+        return terms[0], terms[1], y, valid
+    bad = bad_labels(labels, num_classes, ignore_index)[:, None]
     nan = torch.full((), math.nan, dtype=math_dtype, device=logits.device)
-    terms = [torch.where(bad, nan, torch.where(rows, w * value, zero)) for value in (loss, grad)]
+    terms = [torch.where(bad, nan, term) for term in terms]
     return terms[0], terms[1], y, valid & ~bad[:, 0]
 
 

@@ -40,7 +40,7 @@ from .engine import distributed as dist_utils
 from .engine.checkpoint import load_checkpoint
 from .engine.config import ConfigError, load_config
 from .engine.evaluator import SHARD_FOLDER, evaluate
-from .engine.plots import plot_run
+from .engine.plots import AP_CHART, LOSS_CURVE, plot_run
 from .engine.run_log import LOG_NAME, TENSORBOARD_DIR
 from .engine.trainer import CHECKPOINT_NAME, SNAPSHOT_DIR, load_resume_state, train
 from .losses import build_classification_loss
@@ -55,7 +55,7 @@ METHOD_PRESETS = {
 FREQUENCY_LOSSES = ("eql", "droploss", "gol")
 # What a run writes into OUT: a new run replaces all of them (--overwrite).
 RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "config.json", "results.json", "metrics.json",
-             "loss_curve.png", "ap_by_frequency.png", SNAPSHOT_DIR + "/", TENSORBOARD_DIR + "/",
+             LOSS_CURVE, AP_CHART, SNAPSHOT_DIR + "/", TENSORBOARD_DIR + "/",
              SHARD_FOLDER + "/")
 RUN_EVIDENCE = (CHECKPOINT_NAME, LOG_NAME, "results.json", "metrics.json", SNAPSHOT_DIR + "/")
 

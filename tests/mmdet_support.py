@@ -50,7 +50,6 @@ def require(module: str):
 def mmdet_modules():
     """The adapter and mmdet's registry, with the mmcv._ext stand-in where mmcv has no ops."""
     require("mmdet")
-    saved = sys.modules.get("mmcv._ext")
     try:
         importlib.import_module("mmcv._ext")  # a full mmcv: use its real ops
         stand_in = False
@@ -62,8 +61,5 @@ def mmdet_modules():
     try:
         yield types.SimpleNamespace(adapter=adapter, MODELS=MODELS)
     finally:
-        if stand_in:
-            if saved is None:
-                sys.modules.pop("mmcv._ext", None)
-            else:
-                sys.modules["mmcv._ext"] = saved
+        if stand_in:  # there was no mmcv._ext to restore: the import above would have found it
+            sys.modules.pop("mmcv._ext", None)

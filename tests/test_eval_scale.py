@@ -154,7 +154,7 @@ def test_evaluating_from_the_results_file_equals_the_list(tmp_path):
     data = scale_check.lvis_like_val(5, seed=3)
     gt = tmp_path / "val.json"
     gt.write_text(json.dumps(data))
-    scale_check.write_result_shards(data, 30, str(tmp_path / "eval_shards"), ranks=2)
+    scale_check.write_result_shards(data, 30, str(tmp_path), ranks=2)
     path, _, count = merge_shards(str(tmp_path), 2)
     results = json.load(open(path))
     assert count == len(results) == 150

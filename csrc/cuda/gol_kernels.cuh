@@ -77,11 +77,6 @@ struct CallHeader {
   unsigned int pad;
 };
 
-__device__ __forceinline__ int64_t first_bad_index(const CallHeader& header) {
-  return header.first_bad_code == 0 ? std::numeric_limits<int64_t>::max()
-                                    : static_cast<int64_t>(~header.first_bad_code);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Element type conversions (math in float for the 16-bit types).
 template <typename scalar_t>

@@ -97,16 +97,6 @@ T atomicAdd(T* address, T value) {
 }
 
 template <typename T>
-T atomicMin(T* address, T value) {
-  static_assert(std::is_integral_v<T>, "integer atomics only");
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (value < old && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
-}
-
-template <typename T>
 T atomicMax(T* address, T value) {
   static_assert(std::is_integral_v<T>, "integer atomics only");
   std::atomic_ref<T> ref(*address);
@@ -114,13 +104,6 @@ T atomicMax(T* address, T value) {
   while (value > old && !ref.compare_exchange_weak(old, value)) {
   }
   return old;
-}
-
-template <typename T>
-T atomicCAS(T* address, T expected, T desired) {
-  static_assert(std::is_integral_v<T>, "integer atomics only");
-  std::atomic_ref<T>(*address).compare_exchange_strong(expected, desired);
-  return expected;  // the old value, whether or not it was replaced
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -316,11 +316,15 @@ class LVISDataset(torch.utils.data.Dataset):
         once by `check_image_files()`)."""
         if self._paths is not None:
             return self._paths[i]
+        path, candidates = self._find(i)
+        if path is None:
+            raise FileNotFoundError(self._missing_message(i, candidates))
+        return path
+
+    def _find(self, i: int):
+        """(the first of `candidate_paths(i)` that exists, or None; the candidates tried)."""
         candidates = self.candidate_paths(i)
-        for path in candidates:
-            if os.path.isfile(path):
-                return path
-        raise FileNotFoundError(self._missing_message(i, candidates))
+        return next((p for p in candidates if os.path.isfile(p)), None), candidates
 
     def _missing_message(self, i: int, candidates: list) -> str:
         return (f"{self.ann_file}: image id {self.images[i]['id']} not found; tried "
@@ -333,8 +337,7 @@ class LVISDataset(torch.utils.data.Dataset):
         missing) rather than at the end of a training run."""
         paths, first_missing, missing = [], None, 0
         for i in range(len(self.images)):
-            candidates = self.candidate_paths(i)
-            found = next((p for p in candidates if os.path.isfile(p)), None)
+            found, candidates = self._find(i)
             if found is None:
                 missing += 1
                 if first_missing is None:

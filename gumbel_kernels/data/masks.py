@@ -72,7 +72,11 @@ class CroppedMasks:
         return self.boxes.shape[0]
 
     def crop(self, k: int) -> Tensor:
-        x0, y0, x1, y1 = self.boxes[k].tolist()
+        return self._crop(k, self.boxes[k].tolist())
+
+    def _crop(self, k: int, box: Sequence[int]) -> Tensor:
+        """Crop k given its box already on the host (reading boxes[k] would sync the device)."""
+        x0, y0, x1, y1 = box
         return self.data[self.offsets[k]:self.offsets[k + 1]].view(y1 - y0, x1 - x0)
 
     def to(self, device) -> "CroppedMasks":
@@ -99,15 +103,21 @@ class CroppedMasks:
         rows = nearest_source_indices(height, h, device)
         cols = nearest_source_indices(width, w, device)
         out = torch.zeros((len(indices), h, w), dtype=torch.uint8, device=device)
-        for slot, k in enumerate(indices):
-            x0, y0, x1, y1 = self.boxes[k].tolist()
+        # This runs every training step for every matched instance: the boxes and the sample
+        # indices come to the host once, so the per-instance bounds below cost no device sync.
+        indices = list(indices)
+        picked = self.boxes[indices].cpu().tolist()
+        rows_host, cols_host = rows.cpu().numpy(), cols.cpu().numpy()
+        for slot, (k, box) in enumerate(zip(indices, picked)):
+            x0, y0, x1, y1 = box
             if x1 <= x0 or y1 <= y0:
                 continue
-            # the output rows / columns whose source pixel lies in the crop (a contiguous run)
-            r0, r1 = torch.searchsorted(rows, torch.tensor([y0, y1], device=device)).tolist()
-            c0, c1 = torch.searchsorted(cols, torch.tensor([x0, x1], device=device)).tolist()
+            # the output rows / columns whose source pixel lies in the crop (a contiguous run;
+            # numpy's side="left" is torch.searchsorted's default right=False)
+            r0, r1 = np.searchsorted(rows_host, [y0, y1]).tolist()
+            c0, c1 = np.searchsorted(cols_host, [x0, x1]).tolist()
             if r1 > r0 and c1 > c0:
-                crop = self.crop(k)
+                crop = self._crop(k, box)
                 out[slot, r0:r1, c0:c1] = crop[rows[r0:r1] - y0][:, cols[c0:c1] - x0]
         return out
 

@@ -165,8 +165,8 @@ def build_train_sampler(dataset, kind: str = "rfs", *, threshold: float = 0.001,
 def aspect_ratio_groups(dataset) -> List[int]:
     """Per item: 1 if the image is wider than tall, else 0 (mmdetection's group flag), from the
     json's width and height (no image is read)."""
-    return [int(dataset.image_info(i)["width"] > dataset.image_info(i)["height"])
-            for i in range(len(dataset))]
+    infos = (dataset.image_info(i) for i in range(len(dataset)))
+    return [int(info["width"] > info["height"]) for info in infos]
 
 
 def make_batches(indices: Sequence[int], batch_size: int,

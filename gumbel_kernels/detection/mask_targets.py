@@ -81,15 +81,24 @@ def rasterize_polygons_in_box(polygons, box, size: int) -> np.ndarray:
 
 
 def _polygon_targets(entries: list, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
-    out = torch.zeros((boxes.shape[0], size, size), dtype=boxes.dtype, device=boxes.device)
+    # The polygons are rasterised into one host buffer that goes to the device in one copy, and
+    # the RoIs of RLE instances take one batched RoIAlign, not a copy and a call per RoI.
     boxes_cpu, matched_cpu = boxes.detach().cpu(), matched.cpu().tolist()
+    host = np.zeros((len(matched_cpu), size, size), dtype=np.uint8)
+    rle_rows, rle_slot = [], {}  # RoIs of RLE instances; instance -> its place in the stack
     for k, gt in enumerate(matched_cpu):
         entry = entries[gt]
         if isinstance(entry, Tensor):  # an RLE instance: the bitmap rule
-            out[k] = _bitmap_targets(entry[None].to(boxes.device), boxes[k:k + 1],
-                                     matched.new_zeros(1), size, aligned=True)[0]
+            rle_rows.append(k)
+            rle_slot.setdefault(gt, len(rle_slot))
         else:
-            out[k] = torch.from_numpy(rasterize_polygons_in_box(entry, boxes_cpu[k], size))
+            host[k] = rasterize_polygons_in_box(entry, boxes_cpu[k], size)
+    out = torch.from_numpy(host).to(device=boxes.device, dtype=boxes.dtype)
+    if rle_rows:
+        rows = torch.tensor(rle_rows, device=boxes.device)
+        bitmaps = torch.stack([entries[gt] for gt in rle_slot]).to(boxes.device)
+        slots = torch.tensor([rle_slot[matched_cpu[k]] for k in rle_rows], device=boxes.device)
+        out[rows] = _bitmap_targets(bitmaps, boxes[rows], slots, size, aligned=True)
     return out
 
 

@@ -74,7 +74,8 @@ def read_trunk_weights(weights: str, backbone: str) -> Tuple[Dict[str, Tensor], 
 def load_trunk_weights(body: nn.Module, state: Dict[str, Tensor], source: str) -> None:
     """Loads `state` into the ResNet trunk `body`; raises ValueError naming the missing keys
     or the mismatching shapes."""
-    wanted = [k for k in body.state_dict() if not k.endswith("num_batches_tracked")]
+    shapes = body.state_dict()
+    wanted = [k for k in shapes if not k.endswith("num_batches_tracked")]
     missing = [k for k in wanted if k not in state]
     if missing:
         some = ", ".join(missing[:8])
@@ -84,7 +85,6 @@ def load_trunk_weights(body: nn.Module, state: Dict[str, Tensor], source: str) -
         raise ValueError(f"model.weights={source}: {len(missing)} of the trunk's {len(wanted)} "
                          f"weights are missing: {some}. Expected torchvision ResNet names "
                          f"(conv1.weight, layer1.0.conv1.weight, ...); the file has {found}, ...")
-    shapes = body.state_dict()
     wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(shapes[k].shape)} in the model"
              for k in wanted if tuple(state[k].shape) != tuple(shapes[k].shape)]
     if wrong:

@@ -26,6 +26,7 @@ import yaml
 
 from ..data.synthetic import generate as _generate_synthetic
 from ..backends import BACKENDS
+from ..functional import ACTIVATIONS, GRAD_MODES, MODES
 from ..detection.box_loss import BOX_LOSSES
 from ..detection.mask_targets import MASK_TARGETS
 from ..detection.model import BACKBONES, NORMS
@@ -297,8 +298,6 @@ def _rule_from_default(default) -> _Rule:
 
 
 _UNIT = dict(min=0.0, max=1.0)
-_ACTIVATIONS = ("gumbel", "sigmoid")
-_CLAMP = Maybe(ListOf(Maybe(Float()), length=2))
 
 # What DEFAULTS cannot say. A key listed here that DEFAULTS lacks is still a known key, left
 # unset unless a config gives it: the `method` keys below are arguments of the losses
@@ -337,10 +336,10 @@ KEY_RULES: Dict[str, _Rule] = {
     "data.num_workers": Int(min=0),
     "method.loss": Text(LOSS_NAMES),
     "method.lambda_": Float(min=0),
-    "method.activation": Maybe(Text(_ACTIVATIONS)),
-    "method.mode": Text(("bce", "eql", "droploss")),
-    "method.clamp": _CLAMP,
-    "method.grad_mode": Text(("reference", "exact")),
+    "method.activation": Maybe(Text(ACTIVATIONS)),
+    "method.mode": Text(MODES),
+    "method.clamp": Maybe(ListOf(Maybe(Float()), length=2)),
+    "method.grad_mode": Text(GRAD_MODES),
     "method.backend": Text(("auto",) + BACKENDS),
     "method.reduction": Text(("mean", "sum")),
     "method.ignore_index": Int(),

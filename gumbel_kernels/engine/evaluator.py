@@ -33,7 +33,6 @@ from ..evaluation import evaluate_lvis, format_metrics_table, image_results
 from ..evaluation.rle import encode_binary_masks
 from . import distributed as dist_utils
 
-METRIC_KEYS = ("AP", "APr", "APc", "APf", "APb")
 SHARD_FOLDER = "eval_shards"
 MASK_THRESHOLD = 0.5
 # Float pixels of pasted masks alive at once: 64 MiB on a CPU, 512 MiB on a GPU.

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .._cli import HelpFormatter, add_debug_flag, run
 from ..analysis.distributions import GROUP_COLOURS, GROUP_NAMES, _pyplot
+from .run_log import LOG_NAME
 
 __all__ = ["read_log", "plot_loss_curve", "plot_ap_by_frequency", "plot_run", "main"]
 
@@ -155,7 +156,7 @@ def plot_run(inputs: Sequence[str], out_dir: Optional[str] = None, *, smooth: in
     logs, metrics = [], []
     for item in inputs:
         if os.path.isdir(item):
-            for name, found in (("log.jsonl", logs), ("metrics.json", metrics)):
+            for name, found in ((LOG_NAME, logs), ("metrics.json", metrics)):
                 if os.path.exists(os.path.join(item, name)):
                     found.append(os.path.join(item, name))
         elif not os.path.exists(item):

@@ -83,8 +83,9 @@ def snapshot_name(iteration: int, epoch_done: Optional[int], solver: dict,
 
 
 def schedule(solver: dict, iters_per_epoch: int):
-    """(total iterations, lr factor per iteration): warm-up, then x0.1 at the schedule's steps,
-    placed at the same fraction of training when `epochs` overrides the schedule's length."""
+    """(total iterations, the lr steps of lr_steps, lr factor per iteration): warm-up, then
+    x0.1 at the schedule's steps, placed at the same fraction of training when `epochs`
+    overrides the schedule's length."""
     total, steps = lr_steps(solver, iters_per_epoch)
     warmup, factor = int(solver["warmup_iters"]), float(solver["warmup_factor"])
 
@@ -95,7 +96,7 @@ def schedule(solver: dict, iters_per_epoch: int):
             scale *= factor * (1 - alpha) + alpha
         return scale
 
-    return total, lr_factor
+    return total, steps, lr_factor
 
 
 class _StopRequest:
@@ -160,8 +161,7 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
     optimizer = torch.optim.SGD(params, lr=scaled_lr(solver, batch_size * world),
                                 momentum=solver["momentum"], weight_decay=solver["weight_decay"])
     iters_per_epoch = max(1, math.ceil(len(sampler) / batch_size))
-    total_iters, lr_factor = schedule(solver, iters_per_epoch)
-    steps = lr_steps(solver, iters_per_epoch)[1]
+    total_iters, steps, lr_factor = schedule(solver, iters_per_epoch)
     log.info("an epoch: %d images per rank, %d iterations; %d iterations in all, lr x0.1 from "
              "iterations %s; snapshots: %s", len(sampler), iters_per_epoch, total_iters,
              ", ".join(map(str, steps)), solver["snapshots"])
@@ -249,7 +249,8 @@ def train(cfg: dict, model: nn.Module, dataset, sampler, device: torch.device, o
                 record = run_log.record(iteration=iteration, epoch=epoch, lr=lr, losses=last,
                                         iter_time=time.perf_counter() - tick,
                                         data_time=data_time)
-                bar.set_postfix(run_log.bar_fields(record), refresh=False)
+                if show_bar:  # the postfix is formatted only where a bar shows it
+                    bar.set_postfix(run_log.bar_fields(record), refresh=False)
                 bar.update(1)
                 every = int(solver["checkpoint_every"] or 0)
                 if every and iteration % every == 0 and iteration < stop_at:

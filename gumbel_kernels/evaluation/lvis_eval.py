@@ -128,15 +128,20 @@ def _percent(value: float) -> float:
     return value if value < 0 else 100.0 * value
 
 
-def _read_results(results) -> List[dict]:
-    """Results as a list: the given one, or read from an LVIS results json file."""
-    if isinstance(results, (str, os.PathLike)):
-        with open(results) as f:
-            loaded = json.load(f)
-        if not isinstance(loaded, list):
-            raise ValueError(f"{os.fspath(results)}: an LVIS results file is a json list")
-        return loaded
-    return list(results)
+def _read_results(path) -> List[dict]:
+    """The results list of an LVIS results json file."""
+    with open(path) as f:
+        loaded = json.load(f)
+    if not isinstance(loaded, list):
+        raise ValueError(f"{os.fspath(path)}: an LVIS results file is a json list")
+    return loaded
+
+
+def _check_segmentation(results: List[dict], iou_types: Sequence[str]) -> None:
+    if "segm" in iou_types and any("segmentation" not in r for r in results):
+        raise ValueError("segm evaluation needs a 'segmentation' in every result "
+                         "(detections_to_lvis_results(..., with_masks=True)); "
+                         "evaluate box-only results with iou_types=('bbox',)")
 
 
 def evaluate_lvis(gt_ann_file, results, iou_types: Sequence[str] = ("segm", "bbox"),
@@ -174,16 +179,14 @@ def evaluate_lvis(gt_ann_file, results, iou_types: Sequence[str] = ("segm", "bbo
 
     def fresh_results() -> List[dict]:
         # loadRes annotates the dicts it is given (id, area, rle): a fresh list each time.
-        out = limit_dets_per_image(_read_results(source), max_dets) if source is not None \
-            else [dict(r) for r in given]
-        if "segm" in iou_types and any("segmentation" not in r for r in out):
-            raise ValueError("segm evaluation needs a 'segmentation' in every result "
-                             "(detections_to_lvis_results(..., with_masks=True)); "
-                             "evaluate box-only results with iou_types=('bbox',)")
+        if source is None:
+            return [dict(r) for r in given]
+        out = limit_dets_per_image(_read_results(source), max_dets)
+        _check_segmentation(out, iou_types)
         return out
 
     if given is not None:
-        fresh_results()  # a bad results list fails before anything is evaluated
+        _check_segmentation(given, iou_types)  # a bad list fails before anything is evaluated
     say = print if verbose else (lambda *a, **k: None)
     quiet = say if verbose else logger.debug
     gt = COCO(gt_ann_file, print_function=quiet)

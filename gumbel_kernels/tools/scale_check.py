@@ -134,16 +134,18 @@ def _per_image(data: dict) -> Dict[int, List[dict]]:
     return out
 
 
-def write_result_shards(data: dict, dets: int, folder: str, ranks: int, seed: int = 1) -> int:
-    """The evaluator's per-rank shards for every image, with each detection's mask as the RLE
-    of an ellipse in its box (pycocotools; what pasting a blob gives, without a model)."""
+def write_result_shards(data: dict, dets: int, out_dir: str, ranks: int, seed: int = 1) -> int:
+    """The evaluator's per-rank shards (OUT/eval_shards/) for every image, with each detection's
+    mask as the RLE of an ellipse in its box (pycocotools; what pasting a blob gives, without a
+    model)."""
     from pycocotools import mask as mask_utils
 
+    from ..engine.evaluator import shard_path
     from ..evaluation import image_results
 
     rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    shards = [open(os.path.join(folder, f"rank{r}.jsonl"), "w") for r in range(ranks)]
+    os.makedirs(os.path.dirname(shard_path(out_dir, 0)), exist_ok=True)
+    shards = [open(shard_path(out_dir, r), "w") for r in range(ranks)]
     anns = _per_image(data)
     cat_ids = [c["id"] for c in data["categories"]]
     total = 0
@@ -246,7 +248,7 @@ def check_eval(images: int, dets: int, postprocess_images: int, device: str, out
     data = lvis_like_val(images)
     with open(gt_json, "w") as f:
         json.dump(data, f)
-    written = write_result_shards(data, dets, os.path.join(out, "eval_shards"), ranks)
+    written = write_result_shards(data, dets, out, ranks)
     del data
     generated = time.perf_counter() - start
     report = {"generated": {"images": images, "detections": written, "seconds": generated},
@@ -327,12 +329,11 @@ def phase_train_masks(ann_file: str, mask_format: str, device: str) -> dict:
     gt = targets[0]["boxes"][matched]
     size = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
     proposals = gt + (torch.rand(gt.shape, generator=g).to(target_device) - 0.5) * 0.2 * size
-    kind = "bitmap"
-    result = mask_targets(kind, [proposals], [matched], targets, [shape], 28)
+    result = mask_targets("bitmap", [proposals], [matched], targets, [shape], 28)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    out = {"mask_format": mask_format, "instances": len(dataset.get_target(0)["labels"]),
+    out = {"mask_format": mask_format, "instances": len(target["labels"]),
            "device": device, "model_size": list(shape), "stored_mib": stored / 2 ** 20,
            "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mib": peak_rss_mib(),
            "rss_before_mib": base,

@@ -60,7 +60,7 @@ def _loss_kernel_variants() -> Iterator[Variant]:
             ("grad_ptr", f"*{element}"), ("loss_ptr", f"*{element}"), ("partials_ptr", "*fp64"),
             ("first_tile", "i32"), ("end_tile", "i32"), ("tiles_per_program", "i32"),
             ("first_partial", "i32"), ("total", total), ("num_rows", "i32"), ("num_classes", "i32"),
-            ("ignore_index", "i32"), ("offset_lo", "i32"), ("offset_hi", "i32"),
+            ("offset_lo", "i32"), ("offset_hi", "i32"),
             ("lo_bits", "i64"), ("hi_bits", "i64"), ("inv_c_bits", "i64"),
             *((name, "i32") for name in kernels._RUNTIME_SWITCHES))
         constants = (("GUMBEL", gumbel), ("BOUNDED", bounded), ("GRAD_EXACT", exact),

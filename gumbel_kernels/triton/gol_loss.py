@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _ops, reference
+
 # torch.nn.functional.binary_cross_entropy, which GOL trains with, caps -log at 100 and divides
 # its backward by max(p (1 - p), 1e-12); the contract keeps both. (Globals a @triton.jit
 # function reads must be tl.constexpr: the interpreter does not check this, the compiler does.)
@@ -421,16 +423,15 @@ _RUNTIME_SWITCHES = ["drop_mode", "has_class_weight", "has_row_weight", "need_gr
 
 
 @triton.jit(do_not_specialize=["first_tile", "end_tile", "tiles_per_program", "first_partial",
-                               "total", "num_rows", "num_classes", "ignore_index",
-                               "offset_lo", "offset_hi", "lo_bits", "hi_bits", "inv_c_bits",
+                               "total", "num_rows", "num_classes", "offset_lo", "offset_hi",
+                               "lo_bits", "hi_bits", "inv_c_bits",
                                *_RUNTIME_SWITCHES])
 def _gol_loss_kernel(logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr,
                      row_weight_ptr,
                      counts_ptr, ratio_ptr, seed_ptr, grad_ptr, loss_ptr, partials_ptr,
                      first_tile, end_tile, tiles_per_program, first_partial, total, num_rows,
-                     num_classes, ignore_index, offset_lo,
-                     offset_hi, lo_bits, hi_bits, inv_c_bits, drop_mode, has_class_weight,
-                     has_row_weight,
+                     num_classes, offset_lo, offset_hi, lo_bits, hi_bits, inv_c_bits, drop_mode,
+                     has_class_weight, has_row_weight,
                      need_grad, store_loss, mean, GUMBEL: tl.constexpr, BOUNDED: tl.constexpr,
                      GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr, WIDE_ROWS: tl.constexpr,
                      FULL: tl.constexpr, GROUPS: tl.constexpr,
@@ -474,9 +475,9 @@ def _gol_loss_kernel(logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weig
             logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr, row_weight_ptr,
             round_keys,
             grad_ptr, loss_ptr, start, first_row, first_col, total, num_rows, num_classes,
-            ignore_index, offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold,
-            drop_mode, has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL, BOUNDED,
-            GRAD_EXACT, FLOAT64, WIDE_ROWS, FULL, GROUPS, COMMON_PATH_ONLY), axis=1)
+            offset_lo, offset_hi, lo, hi, grad_scale, draws, threshold, drop_mode,
+            has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL, BOUNDED, GRAD_EXACT,
+            FLOAT64, WIDE_ROWS, FULL, GROUPS, COMMON_PATH_ONLY), axis=1)
         tile += 1
         start += TILE
         if WIDE_ROWS:
@@ -503,8 +504,8 @@ def _row_and_column(start, num_classes, inv_c):
 def _tile(logits_ptr, codes_ptr, drop_ptr, thresholds_ptr, class_weight_ptr, row_weight_ptr,
           round_keys,
           grad_ptr,
-          loss_ptr, start, first_row, first_col, total, num_rows, num_classes, ignore_index,
-          offset_lo, offset_hi, lo, hi, grad_scale, draws, ratio, threshold, drop_mode,
+          loss_ptr, start, first_row, first_col, total, num_rows, num_classes, offset_lo,
+          offset_hi, lo, hi, grad_scale, draws, threshold, drop_mode,
           has_class_weight, has_row_weight, need_grad, store_loss, GUMBEL: tl.constexpr,
           BOUNDED: tl.constexpr, GRAD_EXACT: tl.constexpr, FLOAT64: tl.constexpr,
           WIDE_ROWS: tl.constexpr, FULL: tl.constexpr, GROUPS: tl.constexpr,
@@ -689,7 +690,7 @@ REGISTER_CAP_BF16_INT64 = 48
 def register_cap(full: bool, dtype: torch.dtype, bounded: bool, wide: bool,
                  int64_indices: bool) -> dict:
     """The launch options that cap the registers of a _gol_loss_kernel launch (maxnreg)."""
-    if not (full and wide and bounded and dtype != torch.float64):
+    if not (full and wide and bounded):  # (never bounded in float64: kernel_constants)
         return {}
     if dtype == torch.bfloat16 and int64_indices:
         return {"maxnreg": REGISTER_CAP_BF16_INT64}
@@ -754,8 +755,7 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
     weights in the math dtype); `seed` an int64 one-element tensor (copied to the device)."""
     n, num_classes = logits.shape
     device = logits.device
-    float64 = logits.dtype == torch.float64
-    math_dtype = torch.float64 if float64 else torch.float32
+    math_dtype = _ops.scalar_loss_dtype(logits)  # also the dtype of the math and the weights
     loss = (torch.empty_like(logits) if reduction == "none"
             else torch.empty((), dtype=math_dtype, device=device))
     grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)
@@ -800,7 +800,7 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
             counts, ratio, seed.to(device=device, dtype=torch.int64),
             grad if need_grad else logits, loss if reduction == "none" else logits, partials)
         scalars = (
-            total, n, num_classes, ignore_index, offset & 0xFFFFFFFF, offset >> 32,
+            total, n, num_classes, offset & 0xFFFFFFFF, offset >> 32,
             _float64_bits(clamp_min, -math.inf), _float64_bits(clamp_max, math.inf),
             _float64_bits(1.0 / num_classes, 0.0), drop_mode, int(class_weight is not None),
             int(row_weight is not None), int(need_grad), int(reduction == "none"),
@@ -828,29 +828,16 @@ def gol_loss_op(logits: torch.Tensor, labels: torch.Tensor,
 def _gol_loss_op_fake(logits, labels, drop_classes, class_weight, row_weight, seed, offset,
                       mode, activation, reduction, clamp_min, clamp_max, grad_mode,
                       ignore_index, need_grad):
-    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = (torch.empty_like(logits) if reduction == "none"
-            else logits.new_empty((), dtype=math_dtype))
+            else logits.new_empty((), dtype=_ops.scalar_loss_dtype(logits)))
     grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)
     return loss, grad, logits.new_empty(4, dtype=torch.int64)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_counts):
-    from ..functional import refuse_double_backward
-    refuse_double_backward("gumbel_triton::gol_loss")
-    (grad,) = ctx.saved_tensors
-    if grad.dim() != 2:
-        raise RuntimeError("gumbel_triton::gol_loss was called with need_grad=False, so it "
-                           "saved no gradient; call it with need_grad=True to differentiate it")
-    return (grad * grad_loss).to(grad.dtype), *([None] * 14)
-
-
-gol_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# The C++ ops' autograd (gumbel_kernels._ops): the same 15 inputs, only the loss
+# differentiated, through the saved gradient.
+gol_loss_op.register_autograd(_ops.gol_loss_backward("gumbel_triton::gol_loss"),
+                              setup_context=_ops.gol_loss_setup_context)
 
 
 def _host_label_check_allowed(logits: torch.Tensor) -> bool:
@@ -864,10 +851,8 @@ def raise_on_bad_label(counts: torch.Tensor, labels: torch.Tensor, num_classes: 
     """The host label check: one 8-byte read of the first bad label's index."""
     first_bad = int(counts[3])
     if first_bad != NO_BAD_LABEL:
-        raise ValueError(
-            f"gol_loss: labels[{first_bad}] = {int(labels[first_bad])} is out of range: "
-            f"expected a class in [0, {num_classes - 1}], {num_classes} for background, or "
-            f"ignore_index={ignore_index}")
+        raise reference.bad_label_error(labels, first_bad, num_classes, ignore_index,
+                                        prefix="gol_loss: ")
 
 
 def gol_loss_forward(logits: torch.Tensor, labels: torch.Tensor,
